@@ -1,0 +1,403 @@
+"""The `dsopt` command line; the only place that prints errors and chooses exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dsopt.errors import CheckFailed, DsoptError, ExitCode, UsageError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so errors print one way."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-p", dest="plugins", action="append", default=[], metavar="MODULE",
+                   help="load an extra plugin module (repeatable)")
+    p.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                   help="block a plugin by name (repeatable)")
+
+
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passes", help="pipeline text, e.g. 'fold-constants{max_size_mb=4},eliminate-dead'")
+    p.add_argument("--config", help="dsopt.toml or pyproject.toml with [tool.dsopt] "
+                   "(default: the nearest one from the current folder)")
+    p.add_argument("--verify", choices=("each", "end", "off"),
+                   help="checker + strict shape inference after each pass, at the end, or never "
+                   "(default: end)")
+    p.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                   help="print the IR after PASS (repeatable; 'all' for every pass)")
+    p.add_argument("--print-after-change", action="store_true",
+                   help="print the IR after every pass that changed it")
+    p.add_argument("--dump-dir", help="write NNN_<pass>.onnx and .txt after every pass")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="fix an input shape, e.g. x=1,3,224,224 (repeatable)")
+    p.add_argument("--report", help="also write the report JSON to this path")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of --check")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of --check")
+    p.add_argument("--inputs", help="inputs for --check: .npz, folder of .npz, or test_data_set dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `dsopt` and its subcommands."""
+    parser = _Parser(prog="dsopt", description="Optimize and compile ONNX models, verified.")
+    from dsopt import __version__
+
+    parser.add_argument("--version", action="version", version=f"dsopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="where to write the optimized .onnx")
+    p.add_argument("--target", help="use this target's default pipeline and capabilities")
+    p.add_argument("--check", action="store_true",
+                   help="run original and result in onnxruntime and compare the outputs")
+    _pipeline_options(p)
+    _common(p)
+
+    p = sub.add_parser("compile", help="optimize for a target and write a deploy folder")
+    p.add_argument("model")
+    p.add_argument("--target", required=True, help="target name (see `dsopt targets`)")
+    p.add_argument("-o", "--outdir", help="output folder (default: MODEL stem + .TARGET)")
+    p.add_argument("--no-check", action="store_true", help="skip the numerical check")
+    _pipeline_options(p)
+    _common(p)
+
+    p = sub.add_parser("passes", help="list passes with summaries and options")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
+    p = sub.add_parser("targets", help="list targets")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
+    p = sub.add_parser("inspect", help="ops, parameters, FLOPs, inputs and outputs of a model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
+    p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime")
+    p.add_argument("original")
+    p.add_argument("candidate")
+    p.add_argument("--inputs", help=".npz, folder of .npz, or an onnx test_data_set folder")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS")
+    p.add_argument("--samples", type=int, default=1, help="random input samples (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="dsopt: %(levelname)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            build_parser().print_help()
+            return ExitCode.USAGE_ERROR
+        handler = _COMMANDS[args.command]
+        return int(handler(args))
+    except DsoptError as e:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"dsopt: error: {e.message}\n")
+        if e.hint:
+            sys.stderr.write(f"  hint: {e.hint}\n")
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("dsopt: interrupted\n")
+        return 130
+    except Exception:  # noqa: BLE001 - anything else is a dsopt bug
+        traceback.print_exc()
+        sys.stderr.write("dsopt: internal error: this is a bug in dsopt, please report it "
+                         "with the traceback above\n")
+        return int(ExitCode.INTERNAL_ERROR)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _host(args: argparse.Namespace) -> Any:
+    from dsopt.plugin import PluginHost
+
+    return PluginHost(extra=args.plugins, disabled=args.disable_plugin)
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    from dsopt.pipeline import find_config, load_config
+
+    return load_config(args.config if args.config else find_config())
+
+
+def _shapes(specs: Sequence[str]) -> dict[str, list[int]] | None:
+    if not specs:
+        return None
+    from dsopt.numerics import parse_shape_overrides
+
+    return parse_shape_overrides(specs)
+
+
+def _inputs(path: str | None, model_path: str) -> list[dict[str, Any]] | None:
+    if not path:
+        return None
+    from dsopt import numerics
+    from dsopt.ir import load
+
+    return numerics.load_inputs(path, load(model_path))
+
+
+def _instrument_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "print_after": tuple(args.print_after),
+        "print_after_change": args.print_after_change,
+        "dump_dir": args.dump_dir,
+    }
+
+
+def _check_output_path(model: str, output: str) -> None:
+    src, dst = Path(model), Path(output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise UsageError(f"-o {output} is the input model; dsopt never overwrites its input",
+                         hint="write to another path")
+    if dst.is_dir():
+        raise UsageError(f"-o {output} is a directory; give a file path ending in .onnx")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _progress_context(total_hint: int) -> Any:
+    """A rich progress bar on stderr when it is a terminal, else a no-op."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                    console=_console(stderr=True), transient=True)
+
+
+def _run_optimize(args: argparse.Namespace, *, output_check: bool) -> Any:
+    from dsopt.driver import optimize
+
+    options = _instrument_options(args)
+    progress = _progress_context(0)
+    if progress is not None:
+        task = progress.add_task("optimizing", total=None)
+        options["progress"] = lambda name, record: progress.update(
+            task, description=f"{name}: {record.nodes} nodes")
+        progress.start()
+    try:
+        return optimize(
+            args.model, passes=args.passes, target=getattr(args, "target", None),
+            config=_config(args), verify=args.verify, check=output_check,
+            shapes=_shapes(args.shape), inputs=_inputs(args.inputs, args.model),
+            rtol=args.rtol, atol=args.atol, host=_host(args), options=options,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _print_report_summary(report: Any, console: Any) -> None:
+    before, after = report.before, report.after
+    changed = [p for p in report.passes if p.changed]
+    console.print(
+        f"nodes {before['nodes']} -> {after['nodes']}, initializers {before['initializers']} -> "
+        f"{after['initializers']}, weight bytes {before['bytes']} -> {after['bytes']}; "
+        f"{len(changed)} of {len(report.passes)} pass runs changed the model "
+        f"in {report.seconds:.2f}s; verification {report.verification}"
+    )
+
+
+def _print_equivalence(equivalence: Any, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"equivalence (rtol={equivalence.rtol:g}, atol={equivalence.atol:g})")
+    for column in ("output", "max abs err", "rel L2 err", "cosine", "ok"):
+        table.add_column(column)
+    for o in equivalence.outputs:
+        table.add_row(o.name, f"{o.max_abs_error:.3g}", f"{o.rel_l2_error:.3g}",
+                      f"{o.cosine:.6f}", "yes" if o.within_tolerance else "NO")
+    console.print(table)
+
+
+# -- commands ----------------------------------------------------------------------------------
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    _check_output_path(args.model, args.output)
+    result = _run_optimize(args, output_check=args.check)
+    console = _console()
+    if result.equivalence is not None and not result.equivalence.ok:
+        _print_equivalence(result.equivalence, console)
+        raise CheckFailed(f"{args.model}: optimized outputs differ beyond tolerance; "
+                          f"nothing was written to {args.output}",
+                          hint="rerun with --verify each --dump-dir D to find the pass")
+    result.module.save(args.output)
+    report = result.report.to_dict()
+    report["pipeline"] = result.pipeline
+    if result.equivalence is not None:
+        report["equivalence"] = result.equivalence.to_dict()
+        _print_equivalence(result.equivalence, console)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    _print_report_summary(result.report, console)
+    console.print(f"wrote {args.output}")
+    return ExitCode.OK
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from dsopt.driver import compile as compile_model
+
+    options = _instrument_options(args)
+    result = compile_model(
+        args.model, target=args.target, outdir=args.outdir, passes=args.passes,
+        config=_config(args), verify=args.verify, check=not args.no_check,
+        shapes=_shapes(args.shape), inputs=_inputs(args.inputs, args.model),
+        rtol=args.rtol, atol=args.atol, host=_host(args), options=options,
+    )
+    console = _console()
+    equivalence = result.report.get("equivalence")
+    if args.report:
+        Path(args.report).write_text(json.dumps(result.report, indent=2) + "\n")
+    for artifact in result.manifest["artifacts"]:
+        console.print(f"{artifact['role']:>8}: {result.outdir / artifact['path']} "
+                      f"({artifact['bytes']} bytes)")
+    console.print(f"manifest: {result.outdir / 'manifest.json'}")
+    console.print(f"  report: {result.outdir / 'report.json'}")
+    if equivalence is not None:
+        worst = max((o["max_abs_error"] for o in equivalence["outputs"]), default=0.0)
+        console.print(f"   check: {'ok' if equivalence['ok'] else 'FAILED'} "
+                      f"(max abs error {worst:.3g})")
+        if not equivalence["ok"]:
+            return ExitCode.CHECK_FAILED
+    return ExitCode.OK
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    host = _host(args)
+    rows = []
+    for pass_class in host.passes:
+        rows.append({
+            "name": pass_class.name,
+            "stage": pass_class.stage,
+            "exactness": pass_class.exactness,
+            "tolerance": pass_class.tolerance,
+            "opsets": list(pass_class.opsets),
+            "summary": pass_class.summary,
+            "plugin": host.passes.providers[pass_class.name],
+            "options": [
+                {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                for o in pass_class.options()
+            ],
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return ExitCode.OK
+    from rich.table import Table
+
+    table = Table(title="passes")
+    for column in ("name", "stage", "exactness", "options", "summary", "plugin"):
+        table.add_column(column)
+    for row in rows:
+        options = ", ".join(f"{o['name']}={o['default']} ({o['type']})" for o in row["options"])
+        table.add_row(row["name"], row["stage"], row["exactness"], options or "-",
+                      row["summary"], row["plugin"])
+    _console().print(table)
+    return ExitCode.OK
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    host = _host(args)
+    rows = [
+        {"name": t.name, "aliases": list(t.aliases), "summary": t.summary,
+         "pipeline": t.pipeline, "precisions": dict(t.precisions),
+         "tvm": dict(t.tvm) if t.tvm else None, "plugin": host.targets.providers[t.name]}
+        for t in host.targets
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return ExitCode.OK
+    from rich.table import Table
+
+    table = Table(title="targets")
+    for column in ("name", "aliases", "precisions", "summary", "plugin"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], ", ".join(row["aliases"]) or "-",
+                      ", ".join(row["precisions"]), row["summary"], row["plugin"])
+    _console().print(table)
+    return ExitCode.OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dsopt import summary
+    from dsopt.ir import load
+
+    model = load(args.model)
+    result = summary.summarize(model, base_dir=Path(args.model).parent)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        summary.render(result, _console())
+    return ExitCode.OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from dsopt import numerics
+    from dsopt.ir import load
+
+    original = load(args.original)
+    candidate = load(args.candidate)
+    inputs = numerics.load_inputs(args.inputs, original) if args.inputs else None
+    original_src: Any = args.original if _is_large(args.original) else original
+    candidate_src: Any = args.candidate if _is_large(args.candidate) else candidate
+    report = numerics.check_equivalence(
+        original_src, candidate_src, inputs=inputs, shapes=_shapes(args.shape),
+        samples=args.samples, seed=args.seed, rtol=args.rtol, atol=args.atol,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_equivalence(report, _console())
+    if not report.ok:
+        bad = ", ".join(o.name for o in report.outputs if not o.within_tolerance)
+        sys.stderr.write(f"dsopt: outputs outside tolerance: {bad}\n")
+        return ExitCode.CHECK_FAILED
+    return ExitCode.OK
+
+
+def _is_large(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 1 << 30
+    except OSError:
+        return False
+
+
+_COMMANDS = {
+    "optimize": _cmd_optimize,
+    "compile": _cmd_compile,
+    "passes": _cmd_passes,
+    "targets": _cmd_targets,
+    "inspect": _cmd_inspect,
+    "verify": _cmd_verify,
+}

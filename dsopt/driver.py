@@ -1,0 +1,281 @@
+"""The Python API behind the CLI: `optimize` a model and `compile` it for a target."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from dsopt.errors import CheckFailed, UsageError
+from dsopt.ir import Module, load
+from dsopt.pass_infra import PassContext, PassManager, PipelineReport, Verify
+from dsopt.pipeline import Pipeline, default_pipeline, load_config, parse_pipeline
+from dsopt.plugin import PluginHost
+
+__all__ = ["CompileResult", "OptimizeResult", "build_pipeline", "compile", "optimize"]
+
+MANIFEST_VERSION = 1
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """The optimized module, the pipeline report and (with `check`) the equivalence report."""
+
+    module: Module
+    report: PipelineReport
+    pipeline: str
+    equivalence: Any = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The optimized model as a ModelProto."""
+        return self.module.to_proto()
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """What `compile` wrote: the output directory, its manifest and report."""
+
+    outdir: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+
+def _as_module(model: onnx.ModelProto | Module | str | os.PathLike[str]) -> tuple[Module, Path | None]:
+    if isinstance(model, Module):
+        return model, None
+    if isinstance(model, onnx.ModelProto):
+        return Module.from_proto(model), None
+    path = Path(model)
+    return Module.from_proto(load(path), base_dir=path.parent), path
+
+
+def build_pipeline(
+    host: PluginHost,
+    *,
+    passes: str | None,
+    target: str | None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    rounds: int | None = None,
+) -> tuple[Pipeline, list[Any]]:
+    """The pipeline to run (user text, else the target's default) and its pass instances."""
+    if passes:
+        pipeline = parse_pipeline(passes)
+    else:
+        target_obj = host.get_target(target) if target else None
+        pipeline_text = target_obj.pipeline if target_obj else "default"
+        pipeline = default_pipeline() if pipeline_text == "default" else parse_pipeline(
+            pipeline_text
+        )
+        if pipeline_text != "default":
+            pipeline.rounds = default_pipeline().rounds
+        host.hook.dsopt_extend_pipeline(pipeline=pipeline, target=target)
+    if rounds is not None:
+        pipeline.rounds = rounds
+    pipeline = pipeline.with_options(options or {})
+    instances = [host.get_pass(e.name).from_options(e.options) for e in pipeline.entries]
+    return pipeline, instances
+
+
+def optimize(
+    model: onnx.ModelProto | Module | str | os.PathLike[str],
+    *,
+    passes: str | None = None,
+    target: str | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    verify: Verify | None = None,
+    check: bool = False,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    inputs: Sequence[Mapping[str, Any]] | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    host: PluginHost | None = None,
+    rounds: int | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> OptimizeResult:
+    """Runs a pipeline on `model` and returns the optimized module.
+
+    Args:
+        model: A path, ModelProto or Module; a path or proto is never modified.
+        passes: Pipeline text (`a,b{k=v}`); default: the target's pipeline.
+        target: Target name whose default pipeline and capabilities apply.
+        config: A config file path or an already-loaded config mapping.
+        verify: `each`, `end` (default) or `off`.
+        check: Run original and result in onnxruntime and compare outputs.
+        shapes: Input shape overrides for checking and shape-dependent passes.
+        inputs: Feeds for the check (default: random, seeded).
+        rtol: Relative tolerance of the check.
+        atol: Absolute tolerance of the check.
+        host: A plugin host to reuse (default: a fresh one).
+        rounds: Override how often the pipeline repeats while it changes the model.
+        options: Global options exposed to passes as `ctx.options`.
+    """
+    settings = dict(config) if isinstance(config, Mapping) else load_config(config)
+    host = host or PluginHost()
+    passes = passes or settings.get("passes")
+    target = target or settings.get("target")
+    verify = verify or settings.get("verify", "end")
+    module, _ = _as_module(model)
+    original = module.to_proto() if check else None
+    if isinstance(model, Module) and check:
+        original = model.to_proto()
+    pipeline, instances = build_pipeline(
+        host, passes=passes, target=target, options=settings.get("options"),
+        rounds=rounds if rounds is not None else settings.get("rounds"),
+    )
+    global_options: dict[str, Any] = {}
+    host.hook.dsopt_add_options(options=global_options)
+    global_options.update(options or {})
+    if shapes:
+        global_options["shapes"] = {k: list(v) for k, v in shapes.items()}
+    ctx = PassContext(target=target, options=global_options, hook=host.hook)
+    manager = PassManager(instances, verify=verify, rounds=pipeline.rounds)  # type: ignore[arg-type]
+    report = manager.run(module, ctx)
+    result = OptimizeResult(module=module, report=report, pipeline=str(pipeline))
+    if check:
+        from dsopt import numerics
+
+        assert original is not None
+        result.equivalence = numerics.check_equivalence(
+            original, module.to_proto(), inputs=inputs, shapes=shapes, rtol=rtol, atol=atol
+        )
+    return result
+
+
+def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
+    model: str | os.PathLike[str],
+    *,
+    target: str,
+    outdir: str | os.PathLike[str] | None = None,
+    passes: str | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    verify: Verify | None = None,
+    check: bool = True,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    inputs: Sequence[Mapping[str, Any]] | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    host: PluginHost | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> CompileResult:
+    """Optimizes `model` for `target` and writes OUTDIR (model, manifest.json, report.json).
+
+    The directory is built in a temporary sibling and renamed into place, so a failure never
+    leaves a partial output. An existing OUTDIR is replaced only if it holds a dsopt manifest.
+    """
+    source = Path(model)
+    host = host or PluginHost()
+    target_obj = host.get_target(target)
+    out = Path(outdir) if outdir is not None else source.with_name(source.stem + f".{target_obj.name}")
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise UsageError(
+            f"output directory {out} exists and is not a dsopt output",
+            hint="choose another -o or remove it",
+        )
+    if out.resolve() == source.resolve() or source.resolve().parent == out.resolve():
+        raise UsageError(f"output directory {out} would overwrite the input's folder")
+    started = time.perf_counter()
+    result = optimize(source, passes=passes, target=target_obj.name, config=config,
+                      verify=verify, check=check, shapes=shapes, inputs=inputs, rtol=rtol,
+                      atol=atol, host=host, options=options)
+    if result.equivalence is not None and not result.equivalence.ok:
+        bad = [o for o in result.equivalence.outputs if not o.within_tolerance]
+        worst = max(bad, key=lambda o: o.max_abs_error)
+        raise CheckFailed(
+            f"{source}: optimized output '{worst.name}' differs from the original (max abs error "
+            f"{worst.max_abs_error:.3g}, cosine {worst.cosine:.6f}); nothing was written to {out}",
+            hint="rerun with --verify each --dump-dir DIR to find the pass, and report it",
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        artifacts = target_obj.lower(result.module, staging, {"shapes": shapes})
+        optimized = result.module.to_proto()
+        manifest = _manifest(source, target_obj.name, result, optimized, artifacts, staging)
+        report = {
+            "dsopt_report_version": MANIFEST_VERSION,
+            "input": str(source),
+            "target": target_obj.name,
+            "pipeline": result.pipeline,
+            "seconds": round(time.perf_counter() - started, 6),
+            **result.report.to_dict(),
+            "equivalence": result.equivalence.to_dict() if result.equivalence else None,
+        }
+        _write_json(staging / "manifest.json", manifest)
+        _write_json(staging / "report.json", report)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return CompileResult(outdir=out, manifest=manifest, report=report)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _io_specs(values: Sequence[onnx.ValueInfoProto], skip: set[str]) -> list[dict[str, Any]]:
+    specs = []
+    for vi in values:
+        if vi.name in skip:
+            continue
+        tt = vi.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else None
+        specs.append({"name": vi.name, "dtype": dtype, "shape": dims})
+    return specs
+
+
+def _manifest(
+    source: Path,
+    target: str,
+    result: OptimizeResult,
+    optimized: onnx.ModelProto,
+    artifacts: Sequence[Any],
+    staging: Path,
+) -> dict[str, Any]:
+    import dsopt
+
+    initializers = {t.name for t in optimized.graph.initializer}
+    return {
+        "dsopt_manifest_version": MANIFEST_VERSION,
+        "dsopt_version": dsopt.__version__,
+        "target": target,
+        "source": {"path": source.name, "sha256": _sha256(source), "bytes": source.stat().st_size},
+        "inputs": _io_specs(optimized.graph.input, initializers),
+        "outputs": _io_specs(optimized.graph.output, set()),
+        "opset_imports": {(i.domain or "ai.onnx"): i.version for i in optimized.opset_import},
+        "pipeline": result.pipeline,
+        "artifacts": [
+            {
+                "role": a.role,
+                "path": a.path.relative_to(staging).as_posix(),
+                "sha256": _sha256(a.path),
+                "bytes": a.path.stat().st_size,
+            }
+            for a in artifacts
+        ],
+        "verified": result.report.verification,
+        "equivalent": None if result.equivalence is None else bool(result.equivalence.ok),
+    }

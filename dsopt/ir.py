@@ -1,0 +1,329 @@
+"""The dsopt IR: an onnx-graphsurgeon graph plus the model-level facts graphsurgeon drops."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from dsopt.errors import ModelError
+
+__all__ = ["TWO_GB", "Module", "ModelFacts", "load", "save_model", "iter_graphs"]
+
+#: protobuf's hard limit; models beyond it must keep weights as external data.
+TWO_GB = 2**31
+
+#: Safety margin: switch to external data a little before protobuf's limit.
+_EXTERNAL_DATA_THRESHOLD = TWO_GB - 64 * 2**20
+
+
+@dataclasses.dataclass
+class ModelFacts:
+    """ModelProto fields that live outside the graph (graphsurgeon does not keep them all)."""
+
+    ir_version: int
+    opset_imports: dict[str, int]
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, model: onnx.ModelProto) -> ModelFacts:
+        """Reads the facts of `model`; a missing default-domain import is an error."""
+        imports = {(imp.domain or ""): int(imp.version) for imp in model.opset_import}
+        return cls(
+            ir_version=int(model.ir_version),
+            opset_imports=imports,
+            producer_name=model.producer_name,
+            producer_version=model.producer_version,
+            domain=model.domain,
+            model_version=int(model.model_version),
+            doc_string=model.doc_string,
+            metadata_props={p.key: p.value for p in model.metadata_props},
+        )
+
+
+class Module:
+    """A model being optimized: `graph` (onnx-graphsurgeon) plus `facts` (opsets, metadata).
+
+    Weights that old (IR < 4) models also list as graph inputs become plain initializers:
+    callers that feed only the real inputs see the same outputs.
+
+    `generation` increases every time a pass reports a change; analyses are cached per
+    generation. `base_dir` is where external data of the source model lives.
+    """
+
+    def __init__(
+        self, graph: gs.Graph, facts: ModelFacts, *, base_dir: Path | None = None
+    ) -> None:
+        self.graph = graph
+        self.facts = facts
+        self.base_dir = base_dir
+        self.generation = 0
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_proto(cls, model: onnx.ModelProto, *, base_dir: Path | None = None) -> Module:
+        """Imports a ModelProto (external data already loaded) into a Module."""
+        facts = ModelFacts.from_proto(model)
+        if "" not in facts.opset_imports and "ai.onnx" not in facts.opset_imports:
+            facts.opset_imports[""] = _infer_default_opset(model)
+        initializer_names = {t.name for t in model.graph.initializer}
+        if any(vi.name in initializer_names for vi in model.graph.input):
+            # graphsurgeon treats weights listed as inputs (IR < 4 style) as constants and drops
+            # them from the inputs; IR 4 is the first version where that is valid.
+            facts.ir_version = max(facts.ir_version, 4)
+        try:
+            graph = gs.import_onnx(model)
+        except Exception as e:  # graphsurgeon raises assorted errors on malformed graphs
+            raise ModelError(f"cannot import the graph: {_first_line(e)}") from e
+        return cls(graph, facts, base_dir=base_dir)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Module:
+        """Loads `path` (with its external data) into a Module."""
+        path = Path(path)
+        return cls.from_proto(load(path), base_dir=path.parent)
+
+    def clone(self) -> Module:
+        """A deep copy that shares nothing mutable with this module."""
+        twin = Module(self.graph.copy(), copy.deepcopy(self.facts), base_dir=self.base_dir)
+        twin.generation = self.generation
+        return twin
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        """The default-domain (ai.onnx) opset version."""
+        return self.facts.opset_imports.get("", self.facts.opset_imports.get("ai.onnx", 1))
+
+    def graphs(self) -> Iterator[gs.Graph]:
+        """The main graph, then every nested If/Loop/Scan body, depth first."""
+        yield from iter_graphs(self.graph)
+
+    def node_count(self) -> int:
+        """Nodes in the main graph and all subgraphs."""
+        return sum(len(g.nodes) for g in self.graphs())
+
+    # -- export -----------------------------------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        """Exports to a ModelProto with the original model-level facts restored."""
+        graph = self.graph
+        imports = dict(self.facts.opset_imports)
+        for domain, version in _domains_used(self).items():
+            imports.setdefault(domain, version)
+        opset_imports = [onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items())]
+        try:
+            model = gs.export_onnx(graph, do_type_check=False, opset_imports=opset_imports)
+        except Exception as e:
+            raise ModelError(f"cannot export the graph: {_first_line(e)}") from e
+        facts = self.facts
+        model.ir_version = facts.ir_version
+        model.producer_name = facts.producer_name
+        model.producer_version = facts.producer_version
+        model.domain = facts.domain
+        model.model_version = facts.model_version
+        model.doc_string = facts.doc_string
+        del model.metadata_props[:]
+        for key, value in facts.metadata_props.items():
+            model.metadata_props.add(key=key, value=value)
+        _drop_stale_value_info(model.graph)
+        return model
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the module to `path` atomically; see `save_model`."""
+        return save_model(self.to_proto(), path)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the exported model bytes (weights included)."""
+        model = self.to_proto()
+        digest = hashlib.sha256()
+        for tensor in _all_tensors(model):
+            digest.update(tensor.raw_data or tensor.SerializeToString())
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(model)
+        for tensor in _all_tensors(skeleton):
+            tensor.ClearField("raw_data")
+        digest.update(skeleton.SerializeToString(deterministic=True))
+        return digest.hexdigest()
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """`graph` and all its nested subgraphs (node attributes holding graphs), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from iter_graphs(value)
+            elif isinstance(value, list):
+                for item in value:
+                    if isinstance(item, gs.Graph):
+                        yield from iter_graphs(item)
+
+
+def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Reads an ONNX file with its external data; every failure is a one-line ModelError."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file", hint="check the path to the model")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as e:
+        raise ModelError(
+            f"{path}: not a readable ONNX model ({_first_line(e)})",
+            hint="check the file is a complete .onnx protobuf",
+        ) from e
+    if not model.HasField("graph") or not model.opset_import:
+        raise ModelError(f"{path}: not an ONNX model (no graph or no opset_import)")
+    _load_external_data(model, path.parent, path)
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Writes `model` atomically (temp file + rename), as external data past 2 GB.
+
+    With external data the weights go to `<name>.data` beside the model.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(len(t.raw_data) for t in _all_tensors(model)) + 1024 * len(model.graph.node)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if size >= _EXTERNAL_DATA_THRESHOLD:
+            data_name = f"{path.name}.data"
+            tmp_data = path.parent / f".{data_name}.tmp"
+            big = onnx.ModelProto()
+            big.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                big, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+            )
+            onnx.save_model(big, tmp)
+            # Point the model at the final data file name, then move both into place.
+            fixed = onnx.load_model(tmp, load_external_data=False)
+            for tensor in _all_tensors(fixed):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+            onnx.save_model(fixed, tmp)
+            if tmp_data.exists():
+                os.replace(tmp_data, path.parent / data_name)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from onnx.external_data_helper._get_all_tensors(model)
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    """Loads external tensors, refusing locations that escape the model's folder."""
+    root = base_dir.resolve()
+    for tensor in _all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        target = (root / info.location).resolve()
+        if root != target and root not in target.parents:
+            raise ModelError(
+                f"{path}: tensor '{tensor.name}' points to external data outside the model's "
+                f"folder ({info.location})",
+                hint="keep external data files next to the model",
+            )
+        if not target.is_file():
+            raise ModelError(
+                f"{path}: external data file '{info.location}' of tensor '{tensor.name}' is missing",
+                hint="copy the .data file next to the model",
+            )
+        try:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(root))
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"{path}: cannot read external data of tensor '{tensor.name}': {_first_line(e)}"
+            ) from e
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _infer_default_opset(model: onnx.ModelProto) -> int:
+    return max((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), default=1)
+
+
+def _domains_used(module: Module) -> dict[str, int]:
+    """Domains of ops in the graph that have no opset import yet (version 1 by convention)."""
+    used: dict[str, int] = {}
+    for graph in module.graphs():
+        for node in graph.nodes:
+            if node.domain and node.domain not in module.facts.opset_imports:
+                used[node.domain] = 1
+    return used
+
+
+def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
+    """Removes value_info entries of tensors that no node produces any more."""
+    produced = {out for node in graph.node for out in node.output}
+    keep = [vi for vi in graph.value_info if vi.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _drop_stale_value_info(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _drop_stale_value_info(sub)
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of `tensor` if it is constant (initializer or Constant-node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant" and not tensor.inputs[0].domain:
+        return constant_node_value(tensor.inputs[0])
+    return None
+
+
+def constant_node_value(node: gs.Node) -> np.ndarray | None:
+    """The value a `Constant` node produces (any of its value_* attributes), else None."""
+    attrs = node.attrs
+    if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+        return np.asarray(attrs["value"].values)
+    scalars = {
+        "value_float": np.float32,
+        "value_int": np.int64,
+        "value_floats": np.float32,
+        "value_ints": np.int64,
+    }
+    for key, dtype in scalars.items():
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None  # sparse_value and value_string(s) are left alone
+
+
+__all__ += ["constant_value", "constant_node_value"]

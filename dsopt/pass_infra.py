@@ -1,0 +1,430 @@
+"""Passes, their results and context, and the PassManager that runs an ordered pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from dsopt.analysis import Analysis, AnalysisManager
+from dsopt.errors import DsoptError, PassError, UsageError, VerificationError
+from dsopt.ir import Module, iter_graphs, save_model
+
+__all__ = [
+    "Exactness",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassOption",
+    "PassRecord",
+    "PassResult",
+    "PipelineReport",
+    "Verify",
+    "graph_counts",
+    "verify_model",
+]
+
+logger = logging.getLogger(__name__)
+
+Exactness = Literal["exact", "reassoc", "lossy"]
+Verify = Literal["each", "end", "off"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """What a pass did: `changed` (False means every analysis is still valid) and statistics.
+
+    `preserves` lists analyses still valid after a change; by default a change invalidates all.
+    """
+
+    changed: bool
+    stats: Mapping[str, int | float | str] = dataclasses.field(default_factory=dict)
+    preserves: tuple[type[Analysis[Any]], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PassOption:
+    """One declared option of a pass: a dataclass field with a type, default and help."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses whose fields are the options.
+
+    Class attributes declare the metadata: `name` (kebab-case, unique), `summary` (one line),
+    `stage`, `exactness` (`exact`, `reassoc` or `lossy`), `tolerance` (error bound of a lossy
+    pass), `opsets` (inclusive default-domain range; None = open). `run` mutates the module in
+    place and returns a PassResult.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    stage: ClassVar[str] = "canonicalize"
+    exactness: ClassVar[Exactness] = "exact"
+    tolerance: ClassVar[float | None] = None
+    opsets: ClassVar[tuple[int | None, int | None]] = (None, None)
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:  # pragma: no cover
+        """Rewrites `module` in place."""
+        raise NotImplementedError
+
+    # -- metadata helpers ------------------------------------------------------------------
+    @classmethod
+    def options(cls) -> list[PassOption]:
+        """The declared options (dataclass fields), in declaration order."""
+        hints = typing.get_type_hints(cls)
+        return [
+            PassOption(f.name, hints[f.name], f.default, f.metadata.get("help", ""))
+            for f in dataclasses.fields(cls)
+        ]
+
+    @classmethod
+    def from_options(cls, raw: Mapping[str, str | int | float | bool]) -> Pass:
+        """Builds the pass from option strings (`{max_size_mb=4}`), converting to field types."""
+        known = {o.name: o for o in cls.options()}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            key_norm = key.replace("-", "_")
+            if key_norm not in known:
+                names = ", ".join(known) or "none"
+                raise UsageError(f"pass '{cls.name}' has no option '{key}' (options: {names})")
+            values[key_norm] = _convert_option(cls.name, known[key_norm], value)
+        return cls(**values)
+
+    def describe(self) -> str:
+        """The pass as pipeline text, e.g. `fold-constants{max_size_mb=4.0}`."""
+        changed = [
+            f"{o.name}={getattr(self, o.name)}"
+            for o in self.options()
+            if getattr(self, o.name) != o.default
+        ]
+        return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
+
+    def applies_to(self, opset: int) -> bool:
+        """Whether `opset` lies in the declared `opsets` range."""
+        low, high = self.opsets
+        return (low is None or opset >= low) and (high is None or opset <= high)
+
+
+def _convert_option(pass_name: str, option: PassOption, value: Any) -> Any:
+    kind = option.type
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind in (int, float, str):
+            return kind(value)
+    except ValueError:
+        pass
+    else:
+        return value
+    raise UsageError(
+        f"option '{option.name}' of pass '{pass_name}' must be {kind.__name__}, got {value!r}"
+    )
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Everything a pass may consult besides the module itself.
+
+    Args:
+        target: The target name the pipeline runs for (None: target-independent).
+        options: Global options (`shapes`, `allow_lossy`, ...).
+        calibration: Calibration feeds for lossy passes, if any.
+        hook: The plugin hook relay (`pm.hook`), for instruments; None runs without plugins.
+    """
+
+    target: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None
+    hook: Any = None
+    logger: logging.Logger = dataclasses.field(default_factory=lambda: logger)
+    analyses: AnalysisManager | None = None
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """One row of the pipeline report."""
+
+    name: str
+    pipeline_text: str
+    position: int
+    round: int
+    changed: bool
+    skipped: str | None
+    seconds: float
+    stats: dict[str, int | float | str]
+    nodes: int
+    initializers: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PipelineReport:
+    """What a pipeline run did: per-pass records plus counts before and after."""
+
+    before: dict[str, int]
+    after: dict[str, int] = dataclasses.field(default_factory=dict)
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    verification: str = "off"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "before": self.before,
+            "after": self.after,
+            "verification": self.verification,
+            "seconds": round(self.seconds, 6),
+            "passes": [p.to_dict() for p in self.passes],
+        }
+
+
+def graph_counts(module: Module) -> dict[str, int]:
+    """Nodes (incl. subgraphs), initializers and weight bytes of the module, without exporting."""
+    nodes = 0
+    constants: dict[int, gs.Constant] = {}
+    for graph in module.graphs():
+        nodes += len(graph.nodes)
+        for node in graph.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant):
+                    constants[id(tensor)] = tensor
+            value = node.attrs.get("value") if node.op == "Constant" else None
+            if isinstance(value, gs.Constant):
+                constants[id(value)] = value
+    for tensor in module.graph.outputs:
+        if isinstance(tensor, gs.Constant):
+            constants[id(tensor)] = tensor
+    size = 0
+    for tensor in constants.values():
+        shape = tensor.shape or ()
+        size += int(np.prod(shape, dtype=np.int64)) * _itemsize(tensor.dtype)
+    initializers = sum(1 for t in constants.values() if t.name)
+    return {"nodes": nodes, "initializers": initializers, "bytes": size}
+
+
+def _itemsize(dtype: Any) -> int:
+    try:
+        return int(np.dtype(dtype).itemsize)
+    except TypeError:
+        return 1
+
+
+def verify_model(model: onnx.ModelProto, path: Path | None = None) -> str | None:
+    """Full onnx.checker plus strict shape inference; returns the first error line or None."""
+    try:
+        if path is not None:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # noqa: BLE001 - checker raises ValidationError and others
+        return f"onnx.checker: {_first_line(e)}"
+    if path is None:
+        try:
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        except Exception as e:  # noqa: BLE001 - InferenceError and friends
+            return f"shape inference: {_first_line(e)}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else text)[:300]
+
+
+_SNAPSHOT_LIMIT = 256 * 2**20
+
+
+class PassManager:
+    """Runs passes in order, with verification, instrumentation hooks and a crash reproducer.
+
+    Args:
+        passes: The pipeline, already instantiated.
+        verify: `each` (after every changing pass), `end`, or `off`.
+        rounds: Repeat the whole pipeline up to this many times while anything changes.
+        crash_dir: Where to write `dsopt-crash-<hash>/` reproducers (default: cwd).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        verify: Verify = "end",
+        rounds: int = 1,
+        crash_dir: Path | None = None,
+    ) -> None:
+        if verify not in ("each", "end", "off"):
+            raise UsageError(f"--verify must be each, end or off, not '{verify}'")
+        self.passes = list(passes)
+        self.verify = verify
+        self.rounds = max(1, rounds)
+        self.crash_dir = crash_dir
+
+    def run(self, module: Module, ctx: PassContext) -> PipelineReport:
+        """Runs the pipeline on `module` in place and returns the report."""
+        ctx.analyses = AnalysisManager(module)
+        report = PipelineReport(before=graph_counts(module))
+        started = time.perf_counter()
+        baseline_ok = True
+        if self.verify != "off":
+            baseline_error = verify_model(module.to_proto())
+            baseline_ok = baseline_error is None
+            if not baseline_ok:
+                logger.warning("input model does not verify (%s); verification is off", baseline_error)
+                report.verification = f"skipped: the input does not verify ({baseline_error})"
+        done: list[str] = []
+        position = 0
+        for round_index in range(self.rounds):
+            changed_any = False
+            for pass_ in self.passes:
+                record = self._run_one(module, ctx, pass_, position, round_index, done, baseline_ok)
+                report.passes.append(record)
+                changed_any |= record.changed
+                done.append(pass_.name)
+                position += 1
+            if not changed_any:
+                break
+        if self.verify == "end" and baseline_ok:
+            error = verify_model(module.to_proto())
+            if error is not None:
+                raise VerificationError(
+                    f"broken model after the pipeline ({', '.join(done)}): {error}",
+                    hint="rerun with --verify each to find the pass",
+                )
+        if baseline_ok and self.verify != "off":
+            report.verification = f"ok ({self.verify})"
+        report.after = graph_counts(module)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _run_one(
+        self,
+        module: Module,
+        ctx: PassContext,
+        pass_: Pass,
+        position: int,
+        round_index: int,
+        done: Sequence[str],
+        baseline_ok: bool,
+    ) -> PassRecord:
+        assert ctx.analyses is not None
+        if not pass_.applies_to(module.opset):
+            low, high = pass_.opsets
+            reason = f"opset {module.opset} outside [{low or 1}, {high or 'latest'}]"
+            counts = graph_counts(module)
+            return PassRecord(pass_.name, pass_.describe(), position, round_index, False, reason,
+                              0.0, {}, counts["nodes"], counts["initializers"], counts["bytes"])
+        if ctx.hook is not None:
+            ctx.hook.dsopt_before_pass(pass_=pass_, module=module, ctx=ctx)
+        # The reproducer needs the model as it was before the pass; skip it for huge models.
+        snapshot = module.to_proto() if graph_counts(module)["bytes"] < _SNAPSHOT_LIMIT else None
+        started = time.perf_counter()
+        try:
+            result = pass_.run(module, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(
+                    f"Pass developer: {type(pass_).__name__}.run must return PassResult, "
+                    f"not {type(result).__name__}"
+                )
+        except DsoptError:
+            raise
+        except Exception as e:
+            reproducer = self._write_reproducer(snapshot, pass_)
+            before = ", ".join(done[-5:]) or "none"
+            raise PassError(
+                f"pass '{pass_.name}' (#{position}) failed: {type(e).__name__}: {_first_line(e)}"
+                f" [passes before it: {before}]",
+                hint=f"reproduce with: dsopt optimize {reproducer}/input.onnx "
+                f"--passes '{pass_.describe()}' -o /tmp/out.onnx --debug",
+            ) from e
+        seconds = time.perf_counter() - started
+        if result.changed:
+            module.generation += 1
+            ctx.analyses.invalidate(result.preserves)
+            for graph in module.graphs():
+                graph.toposort()
+            if self.verify == "each" and baseline_ok:
+                error = verify_model(module.to_proto())
+                if error is not None:
+                    reproducer = self._write_reproducer(snapshot, pass_)
+                    raise VerificationError(
+                        f"broken model after pass '{pass_.name}' (#{position}): {error}",
+                        hint=f"reproducer written to {reproducer}",
+                    )
+        counts = graph_counts(module)
+        record = PassRecord(
+            name=pass_.name,
+            pipeline_text=pass_.describe(),
+            position=position,
+            round=round_index,
+            changed=result.changed,
+            skipped=None,
+            seconds=seconds,
+            stats=dict(result.stats),
+            nodes=counts["nodes"],
+            initializers=counts["initializers"],
+            bytes=counts["bytes"],
+        )
+        if ctx.hook is not None:
+            ctx.hook.dsopt_after_pass(pass_=pass_, module=module, ctx=ctx, record=record)
+        return record
+
+    def _write_reproducer(self, snapshot: onnx.ModelProto | None, pass_: Pass) -> Path:
+        base = self.crash_dir or Path(os.environ.get("DSOPT_CRASH_DIR", "."))
+        digest = hashlib.sha256(snapshot.SerializeToString() if snapshot else b"").hexdigest()[:12]
+        folder = base / f"dsopt-crash-{digest}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if snapshot is not None:
+                save_model(snapshot, folder / "input.onnx")
+            (folder / "pipeline.txt").write_text(pass_.describe() + "\n")
+        except OSError as e:
+            logger.warning("could not write the crash reproducer to %s: %s", folder, e)
+        return folder
+
+
+def functional(pass_: Pass, ctx_factory: Callable[[], PassContext] = PassContext) -> Callable[
+    [Module], tuple[Module, PassResult]
+]:
+    """A pure form of `pass_`: clones the module first (for tests)."""
+
+    def apply(module: Module) -> tuple[Module, PassResult]:
+        twin = module.clone()
+        ctx = ctx_factory()
+        ctx.analyses = AnalysisManager(twin)
+        result = pass_.run(twin, ctx)
+        for graph in iter_graphs(twin.graph):
+            graph.toposort()
+        return twin, result
+
+    return apply
+
+
+__all__ += ["functional"]

@@ -1,0 +1,267 @@
+"""The plugin host: built-in and third-party plugins, loaded the same way, into registries."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from dsopt import hookspecs
+from dsopt.backend import Target
+from dsopt.errors import PluginError, UsageError
+from dsopt.pass_infra import Pass
+
+__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PassRegistry", "PluginHost", "TargetRegistry"]
+
+logger = logging.getLogger(__name__)
+
+#: Built-in plugins, registered exactly like third-party ones (pytest's default_plugins).
+DEFAULT_PLUGINS = ("dsopt.passes", "dsopt.targets", "dsopt.instruments")
+ENTRY_POINT_GROUP = "dsopt"
+
+
+class PassRegistry:
+    """Pass classes by name, with the plugin that provided each."""
+
+    def __init__(self) -> None:
+        self._passes: dict[str, type[Pass]] = {}
+        self.providers: dict[str, str] = {}
+        self.current_plugin = "?"
+
+    def add(self, pass_class: type[Pass]) -> None:
+        """Registers `pass_class`; its metadata is checked and its name must be new."""
+        if not (isinstance(pass_class, type) and issubclass(pass_class, Pass)):
+            raise PluginError(
+                f"plugin '{self.current_plugin}' registered {pass_class!r}, which is not a "
+                "dsopt.Pass subclass"
+            )
+        name = pass_class.name
+        if not name or not pass_class.summary:
+            raise PluginError(
+                f"plugin '{self.current_plugin}': pass class {pass_class.__name__} must declare "
+                "`name` and `summary`"
+            )
+        if pass_class.exactness not in ("exact", "reassoc", "lossy"):
+            raise PluginError(f"pass '{name}': exactness must be exact, reassoc or lossy")
+        if pass_class.exactness == "lossy" and pass_class.tolerance is None:
+            raise PluginError(f"pass '{name}' is lossy and must declare `tolerance`")
+        if not dataclasses.is_dataclass(pass_class):
+            raise PluginError(f"pass '{name}' must be a (frozen) dataclass; its fields are options")
+        if name in self._passes and self._passes[name] is not pass_class:
+            raise PluginError(
+                f"pass '{name}' is registered twice: by plugin '{self.providers[name]}' and by "
+                f"plugin '{self.current_plugin}'",
+                hint="uninstall one of them or block it with --disable-plugin",
+            )
+        self._passes[name] = pass_class
+        self.providers[name] = self.current_plugin
+
+    def get(self, name: str) -> type[Pass]:
+        """The pass class named `name`; UsageError lists the known names."""
+        try:
+            return self._passes[name]
+        except KeyError:
+            raise UsageError(
+                f"unknown pass '{name}' (known: {', '.join(sorted(self._passes))})",
+                hint="`dsopt passes` lists them with their options",
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._passes
+
+    def __iter__(self) -> Iterable[type[Pass]]:  # type: ignore[override]
+        return iter(self._passes[name] for name in sorted(self._passes))
+
+    def __len__(self) -> int:
+        return len(self._passes)
+
+
+class TargetRegistry:
+    """Targets by name and alias, with the plugin that provided each."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, Target] = {}
+        self._aliases: dict[str, str] = {}
+        self.providers: dict[str, str] = {}
+        self.current_plugin = "?"
+
+    def add(self, target: Target) -> None:
+        """Registers `target`; names and aliases must be new."""
+        if not isinstance(target, Target):
+            raise PluginError(
+                f"plugin '{self.current_plugin}' registered {target!r}, which is not a dsopt.Target"
+            )
+        for key in (target.name, *target.aliases):
+            owner = self._aliases.get(key)
+            if owner is not None:
+                raise PluginError(
+                    f"target name '{key}' is registered twice: by plugin "
+                    f"'{self.providers[owner]}' and by plugin '{self.current_plugin}'"
+                )
+        self._targets[target.name] = target
+        self.providers[target.name] = self.current_plugin
+        for key in (target.name, *target.aliases):
+            self._aliases[key] = target.name
+
+    def get(self, name: str) -> Target:
+        """The target named `name` (or an alias); UsageError lists the known ones."""
+        key = self._aliases.get(name)
+        if key is None:
+            known = ", ".join(
+                t.name + (f" [{', '.join(t.aliases)}]" if t.aliases else "")
+                for t in sorted(self._targets.values(), key=lambda t: t.name)
+            )
+            raise UsageError(f"unknown target '{name}' (known: {known})")
+        return self._targets[key]
+
+    def __iter__(self) -> Iterable[Target]:  # type: ignore[override]
+        return iter(self._targets[name] for name in sorted(self._targets))
+
+
+class PluginHost:
+    """One run's plugin manager and registries (never a module global).
+
+    Order: hookspecs; DEFAULT_PLUGINS; entry-point group `dsopt` (unless
+    DSOPT_DISABLE_PLUGIN_AUTOLOAD); `extra` plugin modules (`-p`); blocked names
+    (`--disable-plugin`, DSOPT_DISABLE_PLUGINS); check_pending; registration hooks.
+
+    A plugin that fails to import is recorded in `failed` and reported once as a warning;
+    it breaks the run only when something it would have provided is asked for.
+    """
+
+    def __init__(
+        self,
+        *,
+        extra: Sequence[str | ModuleType] = (),
+        disabled: Sequence[str] = (),
+        autoload: bool | None = None,
+    ) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.failed: dict[str, str] = {}
+        blocked = set(disabled)
+        blocked.update(filter(None, os.environ.get("DSOPT_DISABLE_PLUGINS", "").split(",")))
+        for name in sorted(blocked):
+            self.pm.set_blocked(name)
+        for name in DEFAULT_PLUGINS:
+            if name not in blocked:
+                self.pm.register(importlib.import_module(name), name)
+        if autoload is None:
+            autoload = not os.environ.get("DSOPT_DISABLE_PLUGIN_AUTOLOAD")
+        if autoload:
+            self._load_entry_points(blocked)
+        for plugin in extra:
+            self._register_extra(plugin, blocked)
+        if os.environ.get("DSOPT_TRACE_PLUGINS"):
+            self.pm.add_hookcall_monitoring(_trace_before, _trace_after)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            name = self.pm.get_name(e.plugin) or repr(e.plugin)
+            raise PluginError(f"plugin '{name}' implements an unknown hook: {e}",
+                              hint="check the hook name against dsopt.hookspecs") from e
+        self.passes = PassRegistry()
+        self.targets = TargetRegistry()
+        self._register_all()
+
+    @property
+    def hook(self) -> Any:
+        """The hook relay (`host.hook.dsopt_before_pass(...)`)."""
+        return self.pm.hook
+
+    def plugin_names(self) -> list[str]:
+        """Names of the registered plugins (built-ins first)."""
+        return [name for name, plugin in self.pm.list_name_plugin() if plugin is not None]
+
+    def _load_entry_points(self, blocked: set[str]) -> None:
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+                         key=lambda e: e.name):
+            if ep.name in blocked or self.pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as e:  # noqa: BLE001 - any import failure is reported by name
+                dist = ep.dist.name if ep.dist is not None else "?"
+                version = ep.dist.version if ep.dist is not None else ""
+                message = f"plugin '{ep.name}' from {dist} {version} failed to import: " \
+                          f"{type(e).__name__}: {e}"
+                self.failed[ep.name] = message
+                logger.warning(message)
+                continue
+            self.pm.register(plugin, ep.name)
+
+    def _register_extra(self, plugin: str | ModuleType, blocked: set[str]) -> None:
+        if isinstance(plugin, str):
+            if plugin in blocked:
+                return
+            try:
+                module = importlib.import_module(plugin)
+            except Exception as e:  # noqa: BLE001
+                raise PluginError(
+                    f"plugin '{plugin}' (-p) failed to import: {type(e).__name__}: {e}"
+                ) from e
+            self.pm.register(module, plugin)
+        else:
+            self.pm.register(plugin, plugin.__name__)
+
+    def _register_all(self) -> None:
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:  # blocked
+                continue
+            for hook_name, registry in (
+                ("dsopt_register_passes", self.passes),
+                ("dsopt_register_targets", self.targets),
+            ):
+                impl = getattr(plugin, hook_name, None)
+                if impl is None:
+                    continue
+                registry.current_plugin = name
+                try:
+                    impl(registry=registry)
+                except PluginError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a broken plugin is named
+                    raise PluginError(
+                        f"plugin '{name}' failed in {hook_name}: {type(e).__name__}: {e}"
+                    ) from e
+
+    def missing_hint(self) -> str | None:
+        """A hint naming failed plugins, for 'unknown pass/target' errors."""
+        if not self.failed:
+            return None
+        return "; ".join(self.failed.values())
+
+    def get_pass(self, name: str) -> type[Pass]:
+        """The pass class `name`, mentioning failed plugins when it is unknown."""
+        try:
+            return self.passes.get(name)
+        except UsageError as e:
+            hint = self.missing_hint()
+            if hint:
+                raise PluginError(f"{e.message}; a plugin failed to load: {hint}") from None
+            raise
+
+    def get_target(self, name: str) -> Target:
+        """The target `name`, mentioning failed plugins when it is unknown."""
+        try:
+            return self.targets.get(name)
+        except UsageError as e:
+            hint = self.missing_hint()
+            if hint:
+                raise PluginError(f"{e.message}; a plugin failed to load: {hint}") from None
+            raise
+
+
+def _trace_before(hook_name: str, impls: Any, kwargs: Any) -> None:
+    logger.warning("hook %s -> %s", hook_name, [i.plugin_name for i in impls])
+
+
+def _trace_after(outcome: Any, hook_name: str, impls: Any, kwargs: Any) -> None:
+    logger.warning("hook %s done", hook_name)

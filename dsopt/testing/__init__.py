@@ -1,0 +1,73 @@
+"""Testing helpers for dsopt and for plugin authors: run a pass and prove it on a model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from dsopt.analysis import AnalysisManager
+from dsopt.ir import Module
+from dsopt.pass_infra import Pass, PassContext, PassResult, verify_model
+
+__all__ = ["PROPERTY_EXAMPLES", "TOLERANCES", "apply_pass", "check_pass"]
+
+#: Examples per property test in the default CI run (at least 200); raise it for long runs.
+PROPERTY_EXAMPLES = int(os.environ.get("DSOPT_PROPERTY_EXAMPLES", "200"))
+
+#: (rtol, atol) per declared exactness; lossy passes use their declared `tolerance` as atol.
+TOLERANCES = {"exact": (1e-5, 1e-6), "reassoc": (1e-4, 1e-5)}
+
+
+def apply_pass(
+    pass_: Pass, model: onnx.ModelProto, ctx: PassContext | None = None
+) -> tuple[onnx.ModelProto, PassResult]:
+    """Runs `pass_` on a copy of `model`; returns the exported result and the PassResult."""
+    module = Module.from_proto(model)
+    ctx = ctx or PassContext()
+    ctx.analyses = AnalysisManager(module)
+    result = pass_.run(module, ctx)
+    for graph in module.graphs():
+        graph.toposort()
+    return module.to_proto(), result
+
+
+def check_pass(
+    pass_: Pass,
+    model: onnx.ModelProto,
+    *,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    ctx: PassContext | None = None,
+    idempotent: bool = True,
+) -> tuple[onnx.ModelProto, PassResult]:
+    """Asserts the pass contract on `model` and returns the rewritten model.
+
+    Checks: the result verifies when the input did (checker + strict shape inference); the
+    onnxruntime outputs agree within the pass's exactness tolerance; `changed=False` leaves
+    the exported bytes identical; a second run reports no change (when `idempotent`).
+    """
+    from dsopt import numerics
+    from dsopt.testing.strategies import random_feeds
+
+    baseline = Module.from_proto(model).to_proto().SerializeToString(deterministic=True)
+    rewritten, result = apply_pass(pass_, model, ctx)
+    if verify_model(model) is None:
+        error = verify_model(rewritten)
+        assert error is None, f"{pass_.name} broke the model: {error}"
+    if not result.changed:
+        assert rewritten.SerializeToString(deterministic=True) == baseline, (
+            f"{pass_.name} reported changed=False but the model changed"
+        )
+    if pass_.exactness == "lossy":
+        rtol, atol = 0.0, float(pass_.tolerance or 0.0)
+    else:
+        rtol, atol = TOLERANCES[pass_.exactness]
+    inputs = dict(feeds) if feeds is not None else random_feeds(model)
+    report = numerics.check_equivalence(model, rewritten, inputs=[inputs], rtol=rtol, atol=atol)
+    assert report.ok, f"{pass_.name} changed the outputs: {report.to_dict()}"
+    if idempotent:
+        _, again = apply_pass(pass_, rewritten, None)
+        assert not again.changed, f"{pass_.name} is not idempotent: second run {again.stats}"
+    return rewritten, result

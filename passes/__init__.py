@@ -1,0 +1,33 @@
+"""Built-in passes: one small file each, registered like any third-party plugin.
+
+To add a pass: write `passes/<verb_noun>.py` with a frozen-dataclass `Pass` subclass
+(`name`, `summary`, `stage`, `exactness`; fields are options), list it below, and add
+`tests/passes/test_<verb_noun>.py` with a golden case and a hypothesis property test.
+"""
+
+from __future__ import annotations
+
+from dsopt import hookimpl
+from dsopt.passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
+from dsopt.passes.eliminate_dead import EliminateDead
+from dsopt.passes.eliminate_noops import EliminateNoops
+from dsopt.passes.fold_constants import FoldConstants
+from dsopt.passes.inline_constants import InlineConstants
+from dsopt.passes.simplify_shapes import SimplifyShapes
+from dsopt.plugin import PassRegistry
+
+BUILTIN_PASSES = (
+    InlineConstants,
+    EliminateNoops,
+    SimplifyShapes,
+    FoldConstants,
+    EliminateCommonSubexpressions,
+    EliminateDead,
+)
+
+
+@hookimpl
+def dsopt_register_passes(registry: PassRegistry) -> None:
+    """Registers the built-in passes."""
+    for pass_class in BUILTIN_PASSES:
+        registry.add(pass_class)
