@@ -162,8 +162,7 @@ class Shapes(Analysis[dict[str, TensorType]]):
 
     def compute(self, module: Module, am: AnalysisManager) -> dict[str, TensorType]:
         """Runs onnx.shape_inference (non-strict) and collects every value_info."""
-        model = module.to_proto()
-        _stub_large_initializers(model.graph)
+        model = module.skeleton_proto()
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort; declared types remain
@@ -214,20 +213,6 @@ def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
                     yield from _proto_graphs(sub)
-
-
-_STUB_BYTES = 4096
-
-
-def _stub_large_initializers(graph: onnx.GraphProto) -> None:
-    """Drops the data of big float initializers; shape inference needs only their dims."""
-    for g in _proto_graphs(graph):
-        for tensor in g.initializer:
-            if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-                continue  # may feed Reshape/Slice/...: data propagation needs the values
-            if len(tensor.raw_data) > _STUB_BYTES or len(tensor.float_data) > _STUB_BYTES // 4:
-                tensor.ClearField("raw_data")
-                tensor.ClearField("float_data")
 
 
 # -- pattern helpers -------------------------------------------------------------------------

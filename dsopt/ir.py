@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from dsopt.errors import ModelError
 
@@ -131,6 +132,9 @@ class Module:
             raise ModelError(f"cannot export the graph: {_first_line(e)}") from e
         facts = self.facts
         model.ir_version = facts.ir_version
+        if model.ir_version < 4 and model.graph.initializer:
+            # IR < 4 requires every initializer to be a graph input; 4 lifted that rule.
+            model.ir_version = 4
         model.producer_name = facts.producer_name
         model.producer_version = facts.producer_version
         model.domain = facts.domain
@@ -141,6 +145,37 @@ class Module:
             model.metadata_props.add(key=key, value=value)
         _drop_stale_value_info(model.graph)
         return model
+
+    def skeleton_proto(self, max_bytes: int = 4096) -> onnx.ModelProto:
+        """Like `to_proto`, but float weights over `max_bytes` carry only dims and dtype.
+
+        For analyses such as shape inference that need the structure, not the weights: the
+        export cost no longer grows with the model size. Integer tensors keep their data
+        (they may be shapes that data propagation reads). Not a valid model to run or check.
+        """
+        swapped: list[tuple[gs.Constant, object]] = []
+        try:
+            for graph in self.graphs():
+                for tensor in graph.tensors().values():
+                    if not isinstance(tensor, gs.Constant) or _is_shape_like(tensor):
+                        continue
+                    values = tensor._values
+                    if isinstance(values, LazyValues):
+                        nbytes = values.nbytes
+                    elif isinstance(values, np.ndarray):
+                        nbytes = values.nbytes
+                    else:
+                        continue
+                    if nbytes <= max_bytes:
+                        continue
+                    stub = onnx.TensorProto(name=tensor.name, dims=list(tensor.shape),
+                                            data_type=_onnx_dtype(tensor))
+                    swapped.append((tensor, values))
+                    tensor._values = LazyValues(stub)
+            return self.to_proto()
+        finally:
+            for tensor, values in swapped:
+                tensor._values = values
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the module to `path` atomically; see `save_model`."""
@@ -233,6 +268,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _is_shape_like(tensor: gs.Constant) -> bool:
+    return np.dtype(tensor.dtype) in (np.dtype(np.int64), np.dtype(np.int32))
+
+
+def _onnx_dtype(tensor: gs.Constant) -> int:
+    values = tensor._values
+    if isinstance(values, LazyValues):
+        return int(values.tensor.data_type)
+    return int(onnx.helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype))
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]

@@ -125,7 +125,7 @@ def _input_specs(model: onnx.ModelProto) -> list[_InputSpec]:
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
-    if dim.HasField("dim_value"):
+    if dim.HasField("dim_value") and dim.dim_value >= 0:  # Paddle writes -1 for "dynamic"
         return int(dim.dim_value)
     if dim.HasField("dim_param") and dim.dim_param:
         return str(dim.dim_param)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from dsopt.analysis import Analysis, AnalysisManager
 from dsopt.errors import DsoptError, PassError, UsageError, VerificationError
+from dsopt.pattern import topological_order
 from dsopt.ir import Module, iter_graphs, save_model
 
 __all__ = [
@@ -269,7 +271,8 @@ class PassManager:
         passes: The pipeline, already instantiated.
         verify: `each` (after every changing pass), `end`, or `off`.
         rounds: Repeat the whole pipeline up to this many times while anything changes.
-        crash_dir: Where to write `dsopt-crash-<hash>/` reproducers (default: cwd).
+        crash_dir: Where to write `dsopt-crash-<hash>/` reproducers (default: $DSOPT_CRASH_DIR,
+            else the system temp folder).
     """
 
     def __init__(
@@ -286,6 +289,7 @@ class PassManager:
         self.verify = verify
         self.rounds = max(1, rounds)
         self.crash_dir = crash_dir
+        self._input: onnx.ModelProto | None = None
 
     def run(self, module: Module, ctx: PassContext) -> PipelineReport:
         """Runs the pipeline on `module` in place and returns the report."""
@@ -293,8 +297,10 @@ class PassManager:
         report = PipelineReport(before=graph_counts(module))
         started = time.perf_counter()
         baseline_ok = True
+        # The reproducer of a failing pass is this input plus the passes run so far.
+        self._input = module.to_proto() if graph_counts(module)["bytes"] < _SNAPSHOT_LIMIT else None
         if self.verify != "off":
-            baseline_error = verify_model(module.to_proto())
+            baseline_error = verify_model(self._input or module.to_proto())
             baseline_ok = baseline_error is None
             if not baseline_ok:
                 logger.warning("input model does not verify (%s); verification is off", baseline_error)
@@ -307,7 +313,7 @@ class PassManager:
                 record = self._run_one(module, ctx, pass_, position, round_index, done, baseline_ok)
                 report.passes.append(record)
                 changed_any |= record.changed
-                done.append(pass_.name)
+                done.append(pass_.describe())
                 position += 1
             if not changed_any:
                 break
@@ -343,8 +349,6 @@ class PassManager:
                               0.0, {}, counts["nodes"], counts["initializers"], counts["bytes"])
         if ctx.hook is not None:
             ctx.hook.dsopt_before_pass(pass_=pass_, module=module, ctx=ctx)
-        # The reproducer needs the model as it was before the pass; skip it for huge models.
-        snapshot = module.to_proto() if graph_counts(module)["bytes"] < _SNAPSHOT_LIMIT else None
         started = time.perf_counter()
         try:
             result = pass_.run(module, ctx)
@@ -356,24 +360,24 @@ class PassManager:
         except DsoptError:
             raise
         except Exception as e:
-            reproducer = self._write_reproducer(snapshot, pass_)
+            reproducer = self._write_reproducer([*done, pass_.describe()])
             before = ", ".join(done[-5:]) or "none"
             raise PassError(
                 f"pass '{pass_.name}' (#{position}) failed: {type(e).__name__}: {_first_line(e)}"
                 f" [passes before it: {before}]",
-                hint=f"reproduce with: dsopt optimize {reproducer}/input.onnx "
-                f"--passes '{pass_.describe()}' -o /tmp/out.onnx --debug",
+                hint=f"reproduce with: dsopt optimize {reproducer}/input.onnx --passes "
+                f"\"$(cat {reproducer}/pipeline.txt)\" -o /tmp/out.onnx --debug",
             ) from e
         seconds = time.perf_counter() - started
         if result.changed:
             module.generation += 1
             ctx.analyses.invalidate(result.preserves)
             for graph in module.graphs():
-                graph.toposort()
+                graph.nodes = topological_order(graph)
             if self.verify == "each" and baseline_ok:
                 error = verify_model(module.to_proto())
                 if error is not None:
-                    reproducer = self._write_reproducer(snapshot, pass_)
+                    reproducer = self._write_reproducer([*done, pass_.describe()])
                     raise VerificationError(
                         f"broken model after pass '{pass_.name}' (#{position}): {error}",
                         hint=f"reproducer written to {reproducer}",
@@ -396,15 +400,18 @@ class PassManager:
             ctx.hook.dsopt_after_pass(pass_=pass_, module=module, ctx=ctx, record=record)
         return record
 
-    def _write_reproducer(self, snapshot: onnx.ModelProto | None, pass_: Pass) -> Path:
-        base = self.crash_dir or Path(os.environ.get("DSOPT_CRASH_DIR", "."))
-        digest = hashlib.sha256(snapshot.SerializeToString() if snapshot else b"").hexdigest()[:12]
-        folder = base / f"dsopt-crash-{digest}"
+    def _write_reproducer(self, passes: Sequence[str]) -> Path:
+        base = self.crash_dir or Path(os.environ.get("DSOPT_CRASH_DIR", tempfile.gettempdir()))
+        text = ",".join(passes)
+        digest = hashlib.sha256(text.encode())
+        if self._input is not None:
+            digest.update(self._input.SerializeToString(deterministic=True))
+        folder = base / f"dsopt-crash-{digest.hexdigest()[:12]}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            if snapshot is not None:
-                save_model(snapshot, folder / "input.onnx")
-            (folder / "pipeline.txt").write_text(pass_.describe() + "\n")
+            if self._input is not None:
+                save_model(self._input, folder / "input.onnx")
+            (folder / "pipeline.txt").write_text(text + "\n")
         except OSError as e:
             logger.warning("could not write the crash reproducer to %s: %s", folder, e)
         return folder
@@ -421,7 +428,7 @@ def functional(pass_: Pass, ctx_factory: Callable[[], PassContext] = PassContext
         ctx.analyses = AnalysisManager(twin)
         result = pass_.run(twin, ctx)
         for graph in iter_graphs(twin.graph):
-            graph.toposort()
+            graph.nodes = topological_order(graph)
         return twin, result
 
     return apply

@@ -11,9 +11,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from dsopt.ir import constant_value
+from dsopt.ir import constant_node_value
 
 __all__ = [
     "can_take_name",
@@ -21,6 +23,8 @@ __all__ = [
     "is_graph_output",
     "is_used",
     "node_subgraphs",
+    "read_constant",
+    "redirect_readers",
     "remove_nodes",
     "replace_all_uses",
     "topological_order",
@@ -34,6 +38,32 @@ def node_subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
             yield value
         elif isinstance(value, list):
             yield from (item for item in value if isinstance(item, gs.Graph))
+
+
+def read_constant(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant-node output), else None.
+
+    Unlike `dsopt.ir.constant_value` this never caches the loaded array on the tensor:
+    graphsurgeon exports a loaded initializer differently (raw_data), so merely looking at
+    a weight would change the model's bytes, and a pass that changed nothing must leave
+    them identical. Sparse and string-valued Constant nodes give None.
+    """
+    if isinstance(tensor, gs.Constant):
+        return _peek(tensor)
+    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant" or tensor.inputs[0].domain:
+        return None
+    node = tensor.inputs[0]
+    value = node.attrs.get("value")
+    if isinstance(value, gs.Constant):
+        return _peek(value)
+    return constant_node_value(node)
+
+
+def _peek(constant: gs.Constant) -> np.ndarray | None:
+    values = constant._values  # the public `.values` would cache the loaded array
+    if isinstance(values, LazyValues):
+        values = values.load()
+    return values if isinstance(values, np.ndarray) else None
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
@@ -57,7 +87,7 @@ def can_take_name(graph: gs.Graph, tensor: gs.Tensor) -> bool:
 
 
 def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
-    """Makes every reader of `old` read `new` instead; returns False (and changes nothing) if not possible.
+    """Makes every reader of `old` read `new`; False (and no change) when that is impossible.
 
     `old` must be produced in `graph` (the caller then removes its producer). Readers inside
     nested subgraphs follow, since they hold the same tensor objects. Graph outputs keep their
@@ -66,7 +96,9 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     `can_take_name(graph, new)`. An output fed by a graph input, an initializer, another graph
     output or an outer-scope value cannot be renamed, so the answer is False.
 
-    After a True return no reader is left on `old`'s former producer.
+    After a True return nothing reads the output of `old`'s former producer any more (in
+    the renaming case that node and `new`'s producer both write `old` for the moment): the
+    caller detaches it, e.g. with `remove_nodes`.
     """
     if old is new:
         return False
@@ -74,19 +106,22 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
         if not can_take_name(graph, new) or is_graph_output(graph, new):
             return False
         producer = new.inputs[0]
-        _redirect(new, old)
+        redirect_readers(new, old)
         index = next(i for i, t in enumerate(producer.outputs) if t is new)
         producer.outputs[index] = old
         # `old` now has two producers until the caller removes the old one; make ours first
         # so that readers of `old.inputs[0]` see the node that stays.
         old.inputs.sort(key=lambda node: node is not producer)
         return True
-    _redirect(old, new)
+    redirect_readers(old, new)
     return True
 
 
-def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Rewires every node input that is `old` (by identity) to `new`."""
+def redirect_readers(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Makes every node that reads `old` (by identity, subgraphs included) read `new`.
+
+    Graph outputs are left alone; see `replace_all_uses` for the whole job.
+    """
     for consumer in list(old.outputs):
         for i, tensor in enumerate(consumer.inputs):
             if tensor is old:
@@ -161,5 +196,5 @@ def dropout_in_training(node: gs.Node, opset: int) -> bool:
         return not node.attrs.get("is_test", 0)
     if len(node.inputs) < 3 or not node.inputs[2].name:
         return False
-    value = constant_value(node.inputs[2])
+    value = read_constant(node.inputs[2])
     return value is None or value.size != 1 or bool(value.reshape(()))

@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from dsopt import Module, Pass, PassContext, PassResult
 from dsopt.ir import constant_node_value
+from dsopt.pattern import redirect_readers, remove_nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +37,7 @@ class InlineConstants(Pass):
                 if value is None or value.dtype.kind in "OSU" or id(out) in outputs:
                     continue
                 constant = gs.Constant(out.name, value)
-                for consumer in list(out.outputs):
-                    consumer.inputs[:] = [constant if t is out else t for t in consumer.inputs]
-                node.outputs.clear()
-                graph.nodes.remove(node)
+                redirect_readers(out, constant)
+                remove_nodes(graph, [node])
                 inlined += 1
         return PassResult(inlined > 0, {"inlined": inlined})

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from dsopt.analysis import AnalysisManager
+from dsopt.pattern import topological_order
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult, verify_model
 
@@ -30,7 +31,7 @@ def apply_pass(
     ctx.analyses = AnalysisManager(module)
     result = pass_.run(module, ctx)
     for graph in module.graphs():
-        graph.toposort()
+        graph.nodes = topological_order(graph)
     return module.to_proto(), result
 
 

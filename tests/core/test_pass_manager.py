@@ -100,7 +100,7 @@ def test_crash_writes_reproducer_and_names_previous_passes(tmp_path):
     assert "count-nodes" in message
     (folder,) = tmp_path.glob("dsopt-crash-*")
     assert (folder / "input.onnx").is_file()
-    assert (folder / "pipeline.txt").read_text().strip() == "crash"
+    assert (folder / "pipeline.txt").read_text().strip() == "count-nodes,crash"
     assert str(folder) in info.value.hint
 
 

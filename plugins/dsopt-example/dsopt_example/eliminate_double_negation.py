@@ -7,6 +7,7 @@ import dataclasses
 import onnx_graphsurgeon as gs
 
 from dsopt import Module, Pass, PassContext, PassResult
+from dsopt.pattern import redirect_readers
 
 _INVOLUTIONS = ("Neg", "Not")
 
@@ -41,8 +42,7 @@ class EliminateDoubleNegation(Pass):
                 if id(result) in outputs:
                     continue
                 source: gs.Tensor = inner.inputs[0]
-                for consumer in list(result.outputs):
-                    consumer.inputs[:] = [source if t is result else t for t in consumer.inputs]
+                redirect_readers(result, source)
                 outer.outputs.clear()
                 removed += 1
         if removed:
