@@ -53,15 +53,18 @@ ROOT = HERE.parent
 MODELS = HERE / "models"
 CRASH_DIR = HERE / ".cache" / "crashes"  # dsopt writes dsopt-crash-*/ reproducers to the cwd
 TITLE = "## Optimize (lossless default pipeline) vs onnxslim vs onnxsim"
-COMMAND = ("pip install -e '.[bench]' && python benchmarks/export_models.py && "
-           "python benchmarks/bench_optimize.py")
+COMMAND = (
+    "pip install -e '.[bench]' && python benchmarks/export_models.py && "
+    "python benchmarks/bench_optimize.py"
+)
 RTOL, ATOL = 1e-3, 1e-4
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 # Shapes for inputs with symbolic or unknown dims (random feeds only; the models keep them).
 FEED_SHAPES: dict[str, dict[str, list[int]]] = {
-    "bert_6l_384h_dynamic": {n: [1, 128] for n in
-                             ("input_ids", "attention_mask", "token_type_ids")},
+    "bert_6l_384h_dynamic": {
+        n: [1, 128] for n in ("input_ids", "attention_mask", "token_type_ids")
+    },
     "ppocr_det": {"x": [1, 3, 640, 640]},
     "ppocr_rec": {"x": [1, 3, 48, 320]},
     "ppocr_cls": {"x": [1, 3, 48, 192]},
@@ -80,14 +83,18 @@ def _runner_feeds(proto: onnx.ModelProto) -> numerics.Feeds:
     from onnx.backend.test.runner import Runner
 
     weights = {t.name for t in proto.graph.initializer}
-    return {x.name: Runner.generate_dummy_data(x, random=False)
-            for x in proto.graph.input if x.name not in weights}
+    return {
+        x.name: Runner.generate_dummy_data(x, random=False)
+        for x in proto.graph.input
+        if x.name not in weights
+    }
 
 
 def _random_feeds(name: str) -> Callable[[onnx.ModelProto], numerics.Feeds]:
     def feeds(proto: onnx.ModelProto) -> numerics.Feeds:
-        values = numerics.random_inputs(_unfix_negative_dims(proto),
-                                        shapes=FEED_SHAPES.get(name), seed=0)
+        values = numerics.random_inputs(
+            _unfix_negative_dims(proto), shapes=FEED_SHAPES.get(name), seed=0
+        )
         for key, value in values.items():
             if "mask" in key:  # a mask of 2s and 3s overflows BERT's additive mask to inf
                 values[key] = np.ones_like(value)
@@ -104,8 +111,11 @@ def _unfix_negative_dims(proto: onnx.ModelProto) -> onnx.ModelProto:
     onnxruntime treats a negative dim as symbolic; dsopt.numerics (at the time of writing) takes
     it as fixed and rejects any override of it, so the random feeds are made from this copy.
     """
-    if not any(d.HasField("dim_value") and d.dim_value < 0
-               for x in proto.graph.input for d in x.type.tensor_type.shape.dim):
+    if not any(
+        d.HasField("dim_value") and d.dim_value < 0
+        for x in proto.graph.input
+        for d in x.type.tensor_type.shape.dim
+    ):
         return proto
     copy = onnx.ModelProto()
     copy.graph.input.extend(proto.graph.input)
@@ -233,7 +243,7 @@ def bench_model(model: Model, reps: int) -> ModelResult:
     results = {name: ToolResult() for name in TOOLS}
     names = list(TOOLS)
     for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             result = results[name]
             if result.error is not None:
@@ -250,12 +260,18 @@ def bench_model(model: Model, reps: int) -> ModelResult:
             if result.nodes is None:
                 _measure(result, out, feeds, reference)
             del out
-    return ModelResult(model.name, count_nodes(original.graph), constant_bytes(original.graph),
-                       count_op(original.graph, "ConstantOfShape"), results)
+    return ModelResult(
+        model.name,
+        count_nodes(original.graph),
+        constant_bytes(original.graph),
+        count_op(original.graph, "ConstantOfShape"),
+        results,
+    )
 
 
-def _measure(result: ToolResult, out: onnx.ModelProto, feeds: numerics.Feeds,
-             reference: dict[str, Any]) -> None:
+def _measure(
+    result: ToolResult, out: onnx.ModelProto, feeds: numerics.Feeds, reference: dict[str, Any]
+) -> None:
     result.nodes = count_nodes(out.graph)
     result.generators = count_op(out.graph, "ConstantOfShape")
     result.bytes = constant_bytes(out.graph)
@@ -315,8 +331,9 @@ def _ratio(m: ModelResult) -> str:
     return f"{ours / min(others):.2f}"
 
 
-def render(results: list[ModelResult], started: datetime.datetime, seconds: float,
-           reps: int, load: float) -> str:
+def render(
+    results: list[ModelResult], started: datetime.datetime, seconds: float, reps: int, load: float
+) -> str:
     tools = list(TOOLS)
     lines = [
         TITLE,
@@ -343,8 +360,11 @@ def render(results: list[ModelResult], started: datetime.datetime, seconds: floa
         "and onnxsim's (below 1: dsopt leaves fewer nodes). Constant MB counts initializers and "
         "Constant-node tensors.",
         "",
-        "| model | nodes before | " + " | ".join(tools) + " | dsopt/best | const MB before | "
-        + " | ".join(f"{t} MB" for t in tools) + " |",
+        "| model | nodes before | "
+        + " | ".join(tools)
+        + " | dsopt/best | const MB before | "
+        + " | ".join(f"{t} MB" for t in tools)
+        + " |",
         "|---|" + "---:|" * (3 + 2 * len(tools)),
     ]
     for m in results:
@@ -360,14 +380,20 @@ def render(results: list[ModelResult], started: datetime.datetime, seconds: floa
         f"Wall time in seconds (median of {reps}, interleaved) and max abs error of the result "
         f"against the original (✗: outside rtol {RTOL:g}, atol {ATOL:g}).",
         "",
-        "| model | " + " | ".join(f"{t} s" for t in tools) + " | "
-        + " | ".join(f"{t} err" for t in tools) + " |",
+        "| model | "
+        + " | ".join(f"{t} s" for t in tools)
+        + " | "
+        + " | ".join(f"{t} err" for t in tools)
+        + " |",
         "|---|" + "---:|" * (2 * len(tools)),
     ]
     for m in results:
         lines.append(
-            f"| {m.name} | " + " | ".join(_cell_time(m.tools[t]) for t in tools) + " | "
-            + " | ".join(_cell_err(m.tools[t]) for t in tools) + " |"
+            f"| {m.name} | "
+            + " | ".join(_cell_time(m.tools[t]) for t in tools)
+            + " | "
+            + " | ".join(_cell_err(m.tools[t]) for t in tools)
+            + " |"
         )
     light = [m for m in results if m.name.startswith("light_")]
     if light:
@@ -377,20 +403,30 @@ def render(results: list[ModelResult], started: datetime.datetime, seconds: floa
             "materialize them into initializers (their MB columns); dsopt's fold-constants "
             "skips results above its `max_size_mb` limit and keeps the generators, so its "
             "node counts include them. ConstantOfShape nodes before → dsopt / onnxslim / "
-            "onnxsim: " + "; ".join(
+            "onnxsim: "
+            + "; ".join(
                 f"{m.name} {m.generators} → "
-                + " / ".join("crash" if m.tools[t].error else str(m.tools[t].generators)
-                             for t in tools)
-                for m in light) + ".",
+                + " / ".join(
+                    "crash" if m.tools[t].error else str(m.tools[t].generators) for t in tools
+                )
+                for m in light
+            )
+            + ".",
         ]
-    notes = [(m.name, t, r.error or r.check_error) for m in results
-             for t, r in m.tools.items() if r.error or r.check_error]
+    notes = [
+        (m.name, t, r.error or r.check_error)
+        for m in results
+        for t, r in m.tools.items()
+        if r.error or r.check_error
+    ]
     if notes:
         lines += ["", "Crashes and failed checks (first line of the error):", ""]
         lines += [f"- {name}, {tool}: `{why}`" for name, tool, why in notes]
     totals = {t: sum(1 for m in results if m.tools[t].error) for t in tools}
-    lines += ["", "Crashed on: " + ", ".join(f"{t} {n}/{len(results)}" for t, n in totals.items())
-              + "."]
+    lines += [
+        "",
+        "Crashed on: " + ", ".join(f"{t} {n}/{len(results)}" for t, n in totals.items()) + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -401,10 +437,14 @@ def write_section(text: str, path: Path) -> None:
     if start is None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "".join(lines[:start]) + text + ("\n" + "".join(lines[end:]) if end < len(lines)
-                                               else "")
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        new = (
+            "".join(lines[:start])
+            + text
+            + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+        )
     path.write_text(new)
 
 
@@ -419,8 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         models = [m for m in models if m.name in set(args.models)]
     if not any(m.path.parent == MODELS for m in models) and not args.models:
-        print("benchmarks/models/ is empty: run benchmarks/export_models.py first",
-              file=sys.stderr)
+        print("benchmarks/models/ is empty: run benchmarks/export_models.py first", file=sys.stderr)
     CRASH_DIR.mkdir(parents=True, exist_ok=True)
     os.chdir(CRASH_DIR)
     started = datetime.datetime.now(datetime.UTC)

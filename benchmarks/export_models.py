@@ -53,8 +53,9 @@ def _resnet() -> tuple[object, tuple[object, ...], list[str], list[str], dict | 
             self.relu = nn.ReLU(inplace=True)
             self.down = None
             if stride != 1 or cin != cout:
-                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
+                self.down = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                )
 
         def forward(self, x):
             identity = x if self.down is None else self.down(x)
@@ -66,8 +67,11 @@ def _resnet() -> tuple[object, tuple[object, ...], list[str], list[str], dict | 
         def __init__(self, widths=(64, 128, 256, 512), depth=(2, 2, 2, 2), classes=1000):
             super().__init__()
             self.stem = nn.Sequential(
-                nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]),
-                nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+                nn.Conv2d(3, widths[0], 7, 2, 3, bias=False),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
             blocks, cin = [], widths[0]
             for i, (w, n) in enumerate(zip(widths, depth, strict=True)):
                 for j in range(n):
@@ -99,8 +103,13 @@ def _bert(dynamic: bool) -> tuple[object, tuple[object, ...], list[str], list[st
 
     torch.manual_seed(SEED)
     config = BertConfig(
-        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-        intermediate_size=1536, max_position_embeddings=512, attn_implementation="eager",
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        attn_implementation="eager",
     )
     bert = BertModel(config, add_pooling_layer=True).eval()
 
@@ -110,8 +119,12 @@ def _bert(dynamic: bool) -> tuple[object, tuple[object, ...], list[str], list[st
             self.bert = bert
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                            token_type_ids=token_type_ids, return_dict=True)
+            out = self.bert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                return_dict=True,
+            )
             return out.last_hidden_state, out.pooler_output
 
     model = Encoder().eval()
@@ -151,8 +164,14 @@ def export_torch(name: str, force: bool) -> None:
     model, args, inputs, outputs, axes = TORCH_MODELS[name]()
     with torch.no_grad():
         torch.onnx.export(
-            model, args, str(target), input_names=inputs, output_names=outputs,
-            dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+            model,
+            args,
+            str(target),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
             do_constant_folding=name not in UNFOLDED,
         )
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")

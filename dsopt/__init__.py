@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from dsopt.analysis import Analysis, AnalysisManager, GraphView, Shapes, TensorType, TopologicalOrder
+from dsopt.analysis import (
+    Analysis,
+    AnalysisManager,
+    GraphView,
+    Shapes,
+    TensorType,
+    TopologicalOrder,
+)
 from dsopt.backend import Artifact, Target
 from dsopt.driver import CompileResult, OptimizeResult, compile, optimize
 from dsopt.errors import (

@@ -22,6 +22,7 @@ __all__ = [
     "TensorType",
     "TopologicalOrder",
     "match_chain",
+    "match_subgraphs",
 ]
 
 T = TypeVar("T")
@@ -152,7 +153,7 @@ class TensorType:
 
 
 class Shapes(Analysis[dict[str, TensorType]]):
-    """Types of all tensors (every graph and subgraph) from ONNX shape inference with data propagation.
+    """Types of all tensors (all graphs) from ONNX shape inference with data propagation.
 
     Large initializers are replaced by dims-only stubs before inference, so the cost does not
     grow with the weights. Failing inference yields what the model itself declares.
@@ -234,3 +235,22 @@ def match_chain(start: gs.Node, ops: Sequence[str]) -> list[gs.Node] | None:
             return None
         chain.append(node)
     return chain
+
+
+def match_subgraphs(view: nx.DiGraph, pattern: nx.DiGraph) -> Iterator[dict[int, Any]]:
+    """Every embedding of `pattern` in a GraphView, as {view node id: pattern node}.
+
+    Pattern nodes carry `op` (an op type, or a tuple of alternatives); edges are data
+    dependencies. Uses networkx's VF2 monomorphism search, so extra edges in the model (a
+    tensor with other consumers) do not block a match: rules check single use themselves.
+    """
+    from networkx.algorithms import isomorphism
+
+    def node_match(model_attrs: dict[str, Any], pattern_attrs: dict[str, Any]) -> bool:
+        wanted = pattern_attrs.get("op")
+        if wanted is None:
+            return True
+        return model_attrs["op"] in (wanted if isinstance(wanted, tuple) else (wanted,))
+
+    matcher = isomorphism.DiGraphMatcher(view, pattern, node_match=node_match)
+    yield from matcher.subgraph_monomorphisms_iter()

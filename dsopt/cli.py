@@ -26,30 +26,64 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("-p", dest="plugins", action="append", default=[], metavar="MODULE",
-                   help="load an extra plugin module (repeatable)")
-    p.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
-                   help="block a plugin by name (repeatable)")
+    p.add_argument(
+        "-p",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="load an extra plugin module (repeatable)",
+    )
+    p.add_argument(
+        "--disable-plugin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="block a plugin by name (repeatable)",
+    )
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--passes", help="pipeline text, e.g. 'fold-constants{max_size_mb=4},eliminate-dead'")
-    p.add_argument("--config", help="dsopt.toml or pyproject.toml with [tool.dsopt] "
-                   "(default: the nearest one from the current folder)")
-    p.add_argument("--verify", choices=("each", "end", "off"),
-                   help="checker + strict shape inference after each pass, at the end, or never "
-                   "(default: end)")
-    p.add_argument("--print-after", action="append", default=[], metavar="PASS",
-                   help="print the IR after PASS (repeatable; 'all' for every pass)")
-    p.add_argument("--print-after-change", action="store_true",
-                   help="print the IR after every pass that changed it")
+    p.add_argument(
+        "--passes", help="pipeline text, e.g. 'fold-constants{max_size_mb=4},eliminate-dead'"
+    )
+    p.add_argument(
+        "--config",
+        help="dsopt.toml or pyproject.toml with [tool.dsopt] "
+        "(default: the nearest one from the current folder)",
+    )
+    p.add_argument(
+        "--verify",
+        choices=("each", "end", "off"),
+        help="checker + strict shape inference after each pass, at the end, or never "
+        "(default: end)",
+    )
+    p.add_argument(
+        "--print-after",
+        action="append",
+        default=[],
+        metavar="PASS",
+        help="print the IR after PASS (repeatable; 'all' for every pass)",
+    )
+    p.add_argument(
+        "--print-after-change",
+        action="store_true",
+        help="print the IR after every pass that changed it",
+    )
     p.add_argument("--dump-dir", help="write NNN_<pass>.onnx and .txt after every pass")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
-                   help="fix an input shape, e.g. x=1,3,224,224 (repeatable)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="fix an input shape, e.g. x=1,3,224,224 (repeatable)",
+    )
     p.add_argument("--report", help="also write the report JSON to this path")
     p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of --check")
     p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of --check")
-    p.add_argument("--inputs", help="inputs for --check: .npz, folder of .npz, or test_data_set dir")
+    p.add_argument(
+        "--inputs", help="inputs for --check: .npz, folder of .npz, or test_data_set dir"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="where to write the optimized .onnx")
     p.add_argument("--target", help="use this target's default pipeline and capabilities")
-    p.add_argument("--check", action="store_true",
-                   help="run original and result in onnxruntime and compare the outputs")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run original and result in onnxruntime and compare the outputs",
+    )
     _pipeline_options(p)
     _common(p)
 
@@ -108,8 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="dsopt: %(levelname)s: %(message)s")
+    _quiet_graphsurgeon(debug)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="dsopt: %(levelname)s: %(message)s",
+    )
     try:
         args = build_parser().parse_args(argv)
         if not args.command:
@@ -129,12 +169,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception:  # noqa: BLE001 - anything else is a dsopt bug
         traceback.print_exc()
-        sys.stderr.write("dsopt: internal error: this is a bug in dsopt, please report it "
-                         "with the traceback above\n")
+        sys.stderr.write(
+            "dsopt: internal error: this is a bug in dsopt, please report it "
+            "with the traceback above\n"
+        )
         return int(ExitCode.INTERNAL_ERROR)
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _quiet_graphsurgeon(debug: bool) -> None:
+    """Graphsurgeon prints its warnings to stdout; the CLI shows them only with --debug."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.VERBOSE if debug else G_LOGGER.ERROR
+
+
 def _host(args: argparse.Namespace) -> Any:
     from dsopt.plugin import PluginHost
 
@@ -175,8 +224,10 @@ def _instrument_options(args: argparse.Namespace) -> dict[str, Any]:
 def _check_output_path(model: str, output: str) -> None:
     src, dst = Path(model), Path(output)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise UsageError(f"-o {output} is the input model; dsopt never overwrites its input",
-                         hint="write to another path")
+        raise UsageError(
+            f"-o {output} is the input model; dsopt never overwrites its input",
+            hint="write to another path",
+        )
     if dst.is_dir():
         raise UsageError(f"-o {output} is a directory; give a file path ending in .onnx")
 
@@ -193,8 +244,13 @@ def _progress_context(total_hint: int) -> Any:
         return None
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                    console=_console(stderr=True), transient=True)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    )
 
 
 def _run_optimize(args: argparse.Namespace, *, output_check: bool) -> Any:
@@ -205,14 +261,23 @@ def _run_optimize(args: argparse.Namespace, *, output_check: bool) -> Any:
     if progress is not None:
         task = progress.add_task("optimizing", total=None)
         options["progress"] = lambda name, record: progress.update(
-            task, description=f"{name}: {record.nodes} nodes")
+            task, description=f"{name}: {record.nodes} nodes"
+        )
         progress.start()
     try:
         return optimize(
-            args.model, passes=args.passes, target=getattr(args, "target", None),
-            config=_config(args), verify=args.verify, check=output_check,
-            shapes=_shapes(args.shape), inputs=_inputs(args.inputs, args.model),
-            rtol=args.rtol, atol=args.atol, host=_host(args), options=options,
+            args.model,
+            passes=args.passes,
+            target=getattr(args, "target", None),
+            config=_config(args),
+            verify=args.verify,
+            check=output_check,
+            shapes=_shapes(args.shape),
+            inputs=_inputs(args.inputs, args.model),
+            rtol=args.rtol,
+            atol=args.atol,
+            host=_host(args),
+            options=options,
         )
     finally:
         if progress is not None:
@@ -237,8 +302,13 @@ def _print_equivalence(equivalence: Any, console: Any) -> None:
     for column in ("output", "max abs err", "rel L2 err", "cosine", "ok"):
         table.add_column(column)
     for o in equivalence.outputs:
-        table.add_row(o.name, f"{o.max_abs_error:.3g}", f"{o.rel_l2_error:.3g}",
-                      f"{o.cosine:.6f}", "yes" if o.within_tolerance else "NO")
+        table.add_row(
+            o.name,
+            f"{o.max_abs_error:.3g}",
+            f"{o.rel_l2_error:.3g}",
+            f"{o.cosine:.6f}",
+            "yes" if o.within_tolerance else "NO",
+        )
     console.print(table)
 
 
@@ -249,9 +319,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     console = _console()
     if result.equivalence is not None and not result.equivalence.ok:
         _print_equivalence(result.equivalence, console)
-        raise CheckFailed(f"{args.model}: optimized outputs differ beyond tolerance; "
-                          f"nothing was written to {args.output}",
-                          hint="rerun with --verify each --dump-dir D to find the pass")
+        raise CheckFailed(
+            f"{args.model}: optimized outputs differ beyond tolerance; "
+            f"nothing was written to {args.output}",
+            hint="rerun with --verify each --dump-dir D to find the pass",
+        )
     result.module.save(args.output)
     report = result.report.to_dict()
     report["pipeline"] = result.pipeline
@@ -270,24 +342,35 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     options = _instrument_options(args)
     result = compile_model(
-        args.model, target=args.target, outdir=args.outdir, passes=args.passes,
-        config=_config(args), verify=args.verify, check=not args.no_check,
-        shapes=_shapes(args.shape), inputs=_inputs(args.inputs, args.model),
-        rtol=args.rtol, atol=args.atol, host=_host(args), options=options,
+        args.model,
+        target=args.target,
+        outdir=args.outdir,
+        passes=args.passes,
+        config=_config(args),
+        verify=args.verify,
+        check=not args.no_check,
+        shapes=_shapes(args.shape),
+        inputs=_inputs(args.inputs, args.model),
+        rtol=args.rtol,
+        atol=args.atol,
+        host=_host(args),
+        options=options,
     )
     console = _console()
     equivalence = result.report.get("equivalence")
     if args.report:
         Path(args.report).write_text(json.dumps(result.report, indent=2) + "\n")
     for artifact in result.manifest["artifacts"]:
-        console.print(f"{artifact['role']:>8}: {result.outdir / artifact['path']} "
-                      f"({artifact['bytes']} bytes)")
+        console.print(
+            f"{artifact['role']:>8}: {result.outdir / artifact['path']} ({artifact['bytes']} bytes)"
+        )
     console.print(f"manifest: {result.outdir / 'manifest.json'}")
     console.print(f"  report: {result.outdir / 'report.json'}")
     if equivalence is not None:
         worst = max((o["max_abs_error"] for o in equivalence["outputs"]), default=0.0)
-        console.print(f"   check: {'ok' if equivalence['ok'] else 'FAILED'} "
-                      f"(max abs error {worst:.3g})")
+        console.print(
+            f"   check: {'ok' if equivalence['ok'] else 'FAILED'} (max abs error {worst:.3g})"
+        )
         if not equivalence["ok"]:
             return ExitCode.CHECK_FAILED
     return ExitCode.OK
@@ -297,19 +380,21 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     host = _host(args)
     rows = []
     for pass_class in host.passes:
-        rows.append({
-            "name": pass_class.name,
-            "stage": pass_class.stage,
-            "exactness": pass_class.exactness,
-            "tolerance": pass_class.tolerance,
-            "opsets": list(pass_class.opsets),
-            "summary": pass_class.summary,
-            "plugin": host.passes.providers[pass_class.name],
-            "options": [
-                {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
-                for o in pass_class.options()
-            ],
-        })
+        rows.append(
+            {
+                "name": pass_class.name,
+                "stage": pass_class.stage,
+                "exactness": pass_class.exactness,
+                "tolerance": pass_class.tolerance,
+                "opsets": list(pass_class.opsets),
+                "summary": pass_class.summary,
+                "plugin": host.passes.providers[pass_class.name],
+                "options": [
+                    {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                    for o in pass_class.options()
+                ],
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return ExitCode.OK
@@ -320,8 +405,14 @@ def _cmd_passes(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in rows:
         options = ", ".join(f"{o['name']}={o['default']} ({o['type']})" for o in row["options"])
-        table.add_row(row["name"], row["stage"], row["exactness"], options or "-",
-                      row["summary"], row["plugin"])
+        table.add_row(
+            row["name"],
+            row["stage"],
+            row["exactness"],
+            options or "-",
+            row["summary"],
+            row["plugin"],
+        )
     _console().print(table)
     return ExitCode.OK
 
@@ -329,9 +420,15 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 def _cmd_targets(args: argparse.Namespace) -> int:
     host = _host(args)
     rows = [
-        {"name": t.name, "aliases": list(t.aliases), "summary": t.summary,
-         "pipeline": t.pipeline, "precisions": dict(t.precisions),
-         "tvm": dict(t.tvm) if t.tvm else None, "plugin": host.targets.providers[t.name]}
+        {
+            "name": t.name,
+            "aliases": list(t.aliases),
+            "summary": t.summary,
+            "pipeline": t.pipeline,
+            "precisions": dict(t.precisions),
+            "tvm": dict(t.tvm) if t.tvm else None,
+            "plugin": host.targets.providers[t.name],
+        }
         for t in host.targets
     ]
     if args.json:
@@ -343,8 +440,13 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     for column in ("name", "aliases", "precisions", "summary", "plugin"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], ", ".join(row["aliases"]) or "-",
-                      ", ".join(row["precisions"]), row["summary"], row["plugin"])
+        table.add_row(
+            row["name"],
+            ", ".join(row["aliases"]) or "-",
+            ", ".join(row["precisions"]),
+            row["summary"],
+            row["plugin"],
+        )
     _console().print(table)
     return ExitCode.OK
 
@@ -372,8 +474,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     original_src: Any = args.original if _is_large(args.original) else original
     candidate_src: Any = args.candidate if _is_large(args.candidate) else candidate
     report = numerics.check_equivalence(
-        original_src, candidate_src, inputs=inputs, shapes=_shapes(args.shape),
-        samples=args.samples, seed=args.seed, rtol=args.rtol, atol=args.atol,
+        original_src,
+        candidate_src,
+        inputs=inputs,
+        shapes=_shapes(args.shape),
+        samples=args.samples,
+        seed=args.seed,
+        rtol=args.rtol,
+        atol=args.atol,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -50,7 +50,9 @@ class CompileResult:
     report: dict[str, Any]
 
 
-def _as_module(model: onnx.ModelProto | Module | str | os.PathLike[str]) -> tuple[Module, Path | None]:
+def _as_module(
+    model: onnx.ModelProto | Module | str | os.PathLike[str],
+) -> tuple[Module, Path | None]:
     if isinstance(model, Module):
         return model, None
     if isinstance(model, onnx.ModelProto):
@@ -73,8 +75,8 @@ def build_pipeline(
     else:
         target_obj = host.get_target(target) if target else None
         pipeline_text = target_obj.pipeline if target_obj else "default"
-        pipeline = default_pipeline() if pipeline_text == "default" else parse_pipeline(
-            pipeline_text
+        pipeline = (
+            default_pipeline() if pipeline_text == "default" else parse_pipeline(pipeline_text)
         )
         if pipeline_text != "default":
             pipeline.rounds = default_pipeline().rounds
@@ -129,7 +131,10 @@ def optimize(
     if isinstance(model, Module) and check:
         original = model.to_proto()
     pipeline, instances = build_pipeline(
-        host, passes=passes, target=target, options=settings.get("options"),
+        host,
+        passes=passes,
+        target=target,
+        options=settings.get("options"),
         rounds=rounds if rounds is not None else settings.get("rounds"),
     )
     global_options: dict[str, Any] = {}
@@ -175,7 +180,11 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     source = Path(model)
     host = host or PluginHost()
     target_obj = host.get_target(target)
-    out = Path(outdir) if outdir is not None else source.with_name(source.stem + f".{target_obj.name}")
+    out = (
+        Path(outdir)
+        if outdir is not None
+        else source.with_name(source.stem + f".{target_obj.name}")
+    )
     if out.exists() and not (out / "manifest.json").is_file():
         raise UsageError(
             f"output directory {out} exists and is not a dsopt output",
@@ -184,9 +193,20 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     if out.resolve() == source.resolve() or source.resolve().parent == out.resolve():
         raise UsageError(f"output directory {out} would overwrite the input's folder")
     started = time.perf_counter()
-    result = optimize(source, passes=passes, target=target_obj.name, config=config,
-                      verify=verify, check=check, shapes=shapes, inputs=inputs, rtol=rtol,
-                      atol=atol, host=host, options=options)
+    result = optimize(
+        source,
+        passes=passes,
+        target=target_obj.name,
+        config=config,
+        verify=verify,
+        check=check,
+        shapes=shapes,
+        inputs=inputs,
+        rtol=rtol,
+        atol=atol,
+        host=host,
+        options=options,
+    )
     if result.equivalence is not None and not result.equivalence.ok:
         bad = [o for o in result.equivalence.outputs if not o.within_tolerance]
         worst = max(bad, key=lambda o: o.max_abs_error)

@@ -50,8 +50,10 @@ def dsopt_after_pass(pass_: Pass, module: Module, ctx: PassContext, record: Pass
     """Prints or dumps the IR after a pass, and reports progress."""
     options = ctx.options
     wanted = options.get("print_after") or ()
-    if "all" in wanted or pass_.name in wanted or (
-        options.get("print_after_change") and record.changed
+    if (
+        "all" in wanted
+        or pass_.name in wanted
+        or (options.get("print_after_change") and record.changed)
     ):
         sys.stderr.write(f"// ----- IR after {pass_.describe()} (#{record.position}) -----\n")
         sys.stderr.write(module_text(module) + "\n")

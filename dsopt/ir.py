@@ -66,9 +66,7 @@ class Module:
     generation. `base_dir` is where external data of the source model lives.
     """
 
-    def __init__(
-        self, graph: gs.Graph, facts: ModelFacts, *, base_dir: Path | None = None
-    ) -> None:
+    def __init__(self, graph: gs.Graph, facts: ModelFacts, *, base_dir: Path | None = None) -> None:
         self.graph = graph
         self.facts = facts
         self.base_dir = base_dir
@@ -168,8 +166,9 @@ class Module:
                         continue
                     if nbytes <= max_bytes:
                         continue
-                    stub = onnx.TensorProto(name=tensor.name, dims=list(tensor.shape),
-                                            data_type=_onnx_dtype(tensor))
+                    stub = onnx.TensorProto(
+                        name=tensor.name, dims=list(tensor.shape), data_type=_onnx_dtype(tensor)
+                    )
                     swapped.append((tensor, values))
                     tensor._values = LazyValues(stub)
             return self.to_proto()
@@ -269,7 +268,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
 
 # -- helpers ---------------------------------------------------------------------------------
 def _is_shape_like(tensor: gs.Constant) -> bool:
-    return np.dtype(tensor.dtype) in (np.dtype(np.int64), np.dtype(np.int32))
+    try:
+        return np.dtype(tensor.dtype) in (np.dtype(np.int64), np.dtype(np.int32))
+    except TypeError:  # graphsurgeon reports bfloat16/float8 as onnx types numpy cannot name
+        return False
 
 
 def _onnx_dtype(tensor: gs.Constant) -> int:
@@ -304,7 +306,8 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> N
             )
         if not target.is_file():
             raise ModelError(
-                f"{path}: external data file '{info.location}' of tensor '{tensor.name}' is missing",
+                f"{path}: external data file '{info.location}' of tensor '{tensor.name}' "
+                "is missing",
                 hint="copy the .data file next to the model",
             )
         try:
@@ -318,7 +321,9 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> N
 
 
 def _infer_default_opset(model: onnx.ModelProto) -> int:
-    return max((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), default=1)
+    return max(
+        (imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), default=1
+    )
 
 
 def _domains_used(module: Module) -> dict[str, int]:
@@ -350,7 +355,11 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of `tensor` if it is constant (initializer or Constant-node output), else None."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant" and not tensor.inputs[0].domain:
+    if (
+        len(tensor.inputs) == 1
+        and tensor.inputs[0].op == "Constant"
+        and not tensor.inputs[0].domain
+    ):
         return constant_node_value(tensor.inputs[0])
     return None
 

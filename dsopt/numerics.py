@@ -545,6 +545,9 @@ class _Session:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Pre-packed constant MatMul/Gemm weights round differently from computed operands;
+        # without pre-packing, folding a weight cannot move outputs by an ulp.
+        options.add_session_config_entry("session.disable_prepacking", "1")
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if optimize

@@ -19,8 +19,8 @@ import onnx_graphsurgeon as gs
 
 from dsopt.analysis import Analysis, AnalysisManager
 from dsopt.errors import DsoptError, PassError, UsageError, VerificationError
-from dsopt.pattern import topological_order
 from dsopt.ir import Module, iter_graphs, save_model
+from dsopt.pattern import topological_order
 
 __all__ = [
     "Exactness",
@@ -234,8 +234,11 @@ def graph_counts(module: Module) -> dict[str, int]:
 def _itemsize(dtype: Any) -> int:
     try:
         return int(np.dtype(dtype).itemsize)
-    except TypeError:
-        return 1
+    except TypeError:  # graphsurgeon keeps bfloat16/float8/int4 as onnx enum values
+        try:
+            return max(1, int(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)).itemsize))
+        except (KeyError, TypeError, ValueError):
+            return 1
 
 
 def verify_model(model: onnx.ModelProto, path: Path | None = None) -> str | None:
@@ -303,7 +306,9 @@ class PassManager:
             baseline_error = verify_model(self._input or module.to_proto())
             baseline_ok = baseline_error is None
             if not baseline_ok:
-                logger.warning("input model does not verify (%s); verification is off", baseline_error)
+                logger.warning(
+                    "input model does not verify (%s); verification is off", baseline_error
+                )
                 report.verification = f"skipped: the input does not verify ({baseline_error})"
         done: list[str] = []
         position = 0
@@ -345,8 +350,19 @@ class PassManager:
             low, high = pass_.opsets
             reason = f"opset {module.opset} outside [{low or 1}, {high or 'latest'}]"
             counts = graph_counts(module)
-            return PassRecord(pass_.name, pass_.describe(), position, round_index, False, reason,
-                              0.0, {}, counts["nodes"], counts["initializers"], counts["bytes"])
+            return PassRecord(
+                pass_.name,
+                pass_.describe(),
+                position,
+                round_index,
+                False,
+                reason,
+                0.0,
+                {},
+                counts["nodes"],
+                counts["initializers"],
+                counts["bytes"],
+            )
         if ctx.hook is not None:
             ctx.hook.dsopt_before_pass(pass_=pass_, module=module, ctx=ctx)
         started = time.perf_counter()
@@ -366,7 +382,7 @@ class PassManager:
                 f"pass '{pass_.name}' (#{position}) failed: {type(e).__name__}: {_first_line(e)}"
                 f" [passes before it: {before}]",
                 hint=f"reproduce with: dsopt optimize {reproducer}/input.onnx --passes "
-                f"\"$(cat {reproducer}/pipeline.txt)\" -o /tmp/out.onnx --debug",
+                f'"$(cat {reproducer}/pipeline.txt)" -o /tmp/out.onnx --debug',
             ) from e
         seconds = time.perf_counter() - started
         if result.changed:
@@ -417,9 +433,9 @@ class PassManager:
         return folder
 
 
-def functional(pass_: Pass, ctx_factory: Callable[[], PassContext] = PassContext) -> Callable[
-    [Module], tuple[Module, PassResult]
-]:
+def functional(
+    pass_: Pass, ctx_factory: Callable[[], PassContext] = PassContext
+) -> Callable[[Module], tuple[Module, PassResult]]:
     """A pure form of `pass_`: clones the module first (for tests)."""
 
     def apply(module: Module) -> tuple[Module, PassResult]:

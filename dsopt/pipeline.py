@@ -104,8 +104,10 @@ def parse_pipeline(text: str) -> Pipeline:
     i, n = 0, len(text)
 
     def fail(message: str) -> UsageError:
-        return UsageError(f"bad --passes text at column {i + 1}: {message} in '{text}'",
-                          hint="write passes as name,name{option=value,...}")
+        return UsageError(
+            f"bad --passes text at column {i + 1}: {message} in '{text}'",
+            hint="write passes as name,name{option=value,...}",
+        )
 
     while i < n:
         while i < n and text[i] in " \t\n,":
@@ -152,8 +154,17 @@ def default_pipeline() -> Pipeline:
 
 __all__ += ["default_pipeline", "DEFAULT_ROUNDS"]
 
-_CONFIG_KEYS = {"passes", "target", "verify", "options", "check", "rtol", "atol", "shapes",
-                "rounds"}
+_CONFIG_KEYS = {
+    "passes",
+    "target",
+    "verify",
+    "options",
+    "check",
+    "rtol",
+    "atol",
+    "shapes",
+    "rounds",
+}
 
 
 def find_config(start: Path | None = None) -> Path | None:
@@ -164,9 +175,11 @@ def find_config(start: Path | None = None) -> Path | None:
         if candidate.is_file():
             return candidate
         project = folder / "pyproject.toml"
-        if project.is_file() and "tool" in _read_toml(project) and "dsopt" in _read_toml(
-            project
-        ).get("tool", {}):
+        if (
+            project.is_file()
+            and "tool" in _read_toml(project)
+            and "dsopt" in _read_toml(project).get("tool", {})
+        ):
             return project
     return None
 
@@ -184,13 +197,16 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     unknown = sorted(set(data) - _CONFIG_KEYS)
     if unknown:
         raise UsageError(
-            f"{path}: unknown dsopt setting '{unknown[0]}' (known: {', '.join(sorted(_CONFIG_KEYS))})"
+            f"{path}: unknown dsopt setting '{unknown[0]}' "
+            f"(known: {', '.join(sorted(_CONFIG_KEYS))})"
         )
     if isinstance(data.get("passes"), list):
         data["passes"] = ",".join(str(p) for p in data["passes"])
     options = data.get("options", {})
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise UsageError(f"{path}: [options] must hold one table per pass, e.g. [options.fold-constants]")
+        raise UsageError(
+            f"{path}: [options] must hold one table per pass, e.g. [options.fold-constants]"
+        )
     data["source"] = str(path)
     return data
 

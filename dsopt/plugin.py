@@ -165,8 +165,10 @@ class PluginHost:
             self.pm.check_pending()
         except pluggy.PluginValidationError as e:
             name = self.pm.get_name(e.plugin) or repr(e.plugin)
-            raise PluginError(f"plugin '{name}' implements an unknown hook: {e}",
-                              hint="check the hook name against dsopt.hookspecs") from e
+            raise PluginError(
+                f"plugin '{name}' implements an unknown hook: {e}",
+                hint="check the hook name against dsopt.hookspecs",
+            ) from e
         self.passes = PassRegistry()
         self.targets = TargetRegistry()
         self._register_all()
@@ -181,8 +183,9 @@ class PluginHost:
         return [name for name, plugin in self.pm.list_name_plugin() if plugin is not None]
 
     def _load_entry_points(self, blocked: set[str]) -> None:
-        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
-                         key=lambda e: e.name):
+        for ep in sorted(
+            importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name
+        ):
             if ep.name in blocked or self.pm.get_plugin(ep.name) is not None:
                 continue
             try:
@@ -190,8 +193,10 @@ class PluginHost:
             except Exception as e:  # noqa: BLE001 - any import failure is reported by name
                 dist = ep.dist.name if ep.dist is not None else "?"
                 version = ep.dist.version if ep.dist is not None else ""
-                message = f"plugin '{ep.name}' from {dist} {version} failed to import: " \
-                          f"{type(e).__name__}: {e}"
+                message = (
+                    f"plugin '{ep.name}' from {dist} {version} failed to import: "
+                    f"{type(e).__name__}: {e}"
+                )
                 self.failed[ep.name] = message
                 logger.warning(message)
                 continue

@@ -25,8 +25,10 @@ def build() -> onnx.ModelProto:
         return numpy_helper.from_array(value, name)
 
     inits = [
-        weight("conv1.w", 8, 3, 3, 3), weight("conv1.b", 8),
-        weight("conv2.w", 16, 8, 3, 3), weight("conv2.b", 16),
+        weight("conv1.w", 8, 3, 3, 3),
+        weight("conv1.b", 8),
+        weight("conv2.w", 16, 8, 3, 3),
+        weight("conv2.b", 16),
         numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "bn.scale"),
         numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "bn.bias"),
         numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) * 0.1, "bn.mean"),
@@ -43,8 +45,9 @@ def build() -> onnx.ModelProto:
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Conv", ["p1", "conv2.w", "conv2.b"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c2", "bn.scale", "bn.bias", "bn.mean", "bn.var"],
-                         ["b2"]),
+        helper.make_node(
+            "BatchNormalization", ["c2", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b2"]
+        ),
         helper.make_node("Relu", ["b2"], ["r2"]),
         helper.make_node("Relu", ["b2"], ["r2_again"]),  # duplicate of r2
         helper.make_node("Add", ["r2", "r2_again"], ["sum2"]),
@@ -62,13 +65,15 @@ def build() -> onnx.ModelProto:
         helper.make_node("Sigmoid", ["logits"], ["unused"]),  # dead branch
     ]
     graph = helper.make_graph(
-        nodes, "tiny_cnn",
+        nodes,
+        "tiny_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="dsopt-example")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="dsopt-example"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model

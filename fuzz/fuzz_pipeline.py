@@ -40,10 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     @seed(run_seed)
-    @settings(max_examples=args.examples, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(model=strategies.models(), order=st.lists(st.sampled_from(lossless), min_size=1,
-                                                     max_size=8))
+    @settings(
+        max_examples=args.examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        model=strategies.models(), order=st.lists(st.sampled_from(lossless), min_size=1, max_size=8)
+    )
     def campaign(model: onnx.ModelProto, order: list[str]) -> None:
         counter["n"] += 1
         text = ",".join(order)
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             result = dsopt.optimize(model, passes=text, verify="each", host=host)
             optimized = result.module.to_proto()
             report = numerics.check_equivalence(
-                model, optimized, inputs=[strategies.random_feeds(model)], rtol=1e-4, atol=1e-5)
+                model, optimized, inputs=[strategies.random_feeds(model)], rtol=1e-4, atol=1e-5
+            )
             assert report.ok, report.to_dict()
             counter["changed"] += any(p.changed for p in result.report.passes)
         except BaseException:
@@ -59,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             stem = CRASHERS / f"{run_seed}-{counter['n']}"
             onnx.save_model(model, f"{stem}.onnx")
             Path(f"{stem}.txt").write_text(
-                f"dsopt optimize {stem}.onnx --passes '{text}' --verify each --check -o /tmp/o.onnx\n")
+                f"dsopt optimize {stem}.onnx --passes '{text}' --verify each --check "
+                "-o /tmp/o.onnx\n"
+            )
             raise
 
     campaign()
     elapsed = time.time() - started
-    print(f"ok: {counter['n']} examples ({counter['changed']} changed by a pass) in "
-          f"{elapsed:.0f}s, seed={run_seed}")
+    print(
+        f"ok: {counter['n']} examples ({counter['changed']} changed by a pass) in "
+        f"{elapsed:.0f}s, seed={run_seed}"
+    )
     return 0
 
 

@@ -14,17 +14,15 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from dsopt import Module, Pass, PassContext, PassResult
 from dsopt.analysis import AnalysisManager, Shapes, TensorType
-from dsopt.ir import constant_value
+from dsopt.pattern import dropout_in_training, node_subgraphs, read_constant, redirect_readers
 
 __all__ = [
     "FoldConstants",
     "constant_node_supports",
     "is_constant",
-    "peek_value",
     "replace_with_constants",
 ]
 
@@ -142,18 +140,6 @@ class FoldConstants(Pass):
 
 
 # -- helpers shared with other passes ----------------------------------------------------------
-def peek_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """Like `dsopt.ir.constant_value`, but leaves a lazily loaded initializer lazy.
-
-    Reading `gs.Constant.values` replaces the stored TensorProto by a numpy array, which
-    changes how the initializer is exported (raw_data instead of int64_data, ...): a pass
-    that only looks and changes nothing would still change the model's bytes.
-    """
-    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
-        return np.asarray(tensor._values.load())
-    return constant_value(tensor)
-
-
 def is_constant(tensor: gs.Tensor) -> bool:
     """Whether `tensor` has a known value.
 
@@ -166,7 +152,7 @@ def is_constant(tensor: gs.Tensor) -> bool:
         return True  # an absent optional input
     producers = tensor.inputs
     if len(producers) == 1 and producers[0].op == "Constant" and not producers[0].domain:
-        value = constant_value(tensor)
+        value = read_constant(tensor)
         return value is not None and value.dtype.kind not in "OSU"
     return False
 
@@ -198,12 +184,7 @@ def replace_with_constants(
                 )
             )
             continue
-        constant = gs.Constant(out.name, value)
-        for consumer in list(out.outputs):
-            # Item assignment keeps graphsurgeon's tensor.outputs in sync (slices do not).
-            for index, tensor in enumerate(consumer.inputs):
-                if tensor is out:
-                    consumer.inputs[index] = constant
+        redirect_readers(out, gs.Constant(out.name, value))
     return constant_nodes
 
 
@@ -250,20 +231,12 @@ def _input_bytes(node: gs.Node) -> int:
         if isinstance(tensor, gs.Constant):
             total += _byte_size(tensor.shape, tensor.dtype) or 0
         else:
-            value = constant_value(tensor)
+            value = read_constant(tensor)
             total += 0 if value is None else int(value.nbytes)
     for value in node.attrs.values():
         if isinstance(value, gs.Constant):
             total += _byte_size(value.shape, value.dtype) or 0
     return total
-
-
-def _subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
-    for value in node.attrs.values():
-        if isinstance(value, gs.Graph):
-            yield value
-        elif isinstance(value, list):
-            yield from (item for item in value if isinstance(item, gs.Graph))
 
 
 # -- the folding engine ------------------------------------------------------------------------
@@ -307,7 +280,7 @@ class _Folder:
         """Folds `graph`, then the subgraphs of the nodes that remain, depth first."""
         self.fold_graph(graph)
         for node in graph.nodes:
-            for subgraph in _subgraphs(node):
+            for subgraph in node_subgraphs(node):
                 self.fold_tree(subgraph)
 
     def fold_graph(self, graph: gs.Graph) -> None:
@@ -379,14 +352,9 @@ class _Folder:
             return True
         if domain not in _EVALUABLE_DOMAINS or (domain, node.op) in self._functions:
             return True
-        if any(True for _ in _subgraphs(node)):
+        if any(True for _ in node_subgraphs(node)):
             return True
-        if node.op == "Dropout" and self.module.opset < 7:
-            return not node.attrs.get("is_test", 0)  # Dropout-1/6 train unless is_test=1
-        if node.op == "Dropout" and len(node.inputs) >= 3 and node.inputs[2].name:
-            training = peek_value(node.inputs[2])
-            return training is None or bool(np.any(training))
-        return False
+        return node.op == "Dropout" and dropout_in_training(node, self.module.opset)
 
     def _estimated_bytes(self, node: gs.Node) -> int | None:
         """Result bytes from shape inference, or None when a result's size is unknown."""
@@ -442,7 +410,7 @@ class _Folder:
             if isinstance(tensor, gs.Constant):
                 initializers[tensor.name] = OnnxExporter.export_tensor_proto(tensor)
             else:
-                value = constant_value(tensor)
+                value = read_constant(tensor)
                 assert value is not None
                 initializers[tensor.name] = OnnxExporter.export_tensor_proto(
                     gs.Constant(tensor.name, value)
@@ -498,7 +466,7 @@ class _Folder:
     # -- If with a constant condition ---------------------------------------------------------
     def _inline_if(self, graph: gs.Graph, node: gs.Node) -> list[gs.Node] | None:
         """Replaces `If(const)` by the chosen branch's nodes and one Identity per output."""
-        cond = peek_value(node.inputs[0]) if node.inputs and node.inputs[0].name else None
+        cond = read_constant(node.inputs[0]) if node.inputs and node.inputs[0].name else None
         if cond is None or cond.size != 1:
             return None
         branch = node.attrs.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")

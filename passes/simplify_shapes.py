@@ -10,11 +10,8 @@ import onnx_graphsurgeon as gs
 
 from dsopt import Module, Pass, PassContext, PassResult
 from dsopt.analysis import AnalysisManager, Shapes, TensorType
-from dsopt.passes.fold_constants import (
-    constant_node_supports,
-    peek_value,
-    replace_with_constants,
-)
+from dsopt.passes.fold_constants import constant_node_supports, replace_with_constants
+from dsopt.pattern import read_constant
 
 __all__ = ["SimplifyShapes"]
 
@@ -146,7 +143,7 @@ def _gather(node: gs.Node, length: int) -> np.ndarray | None:
     """Positions a Gather over a 1-D tensor of `length` picks; None when not constant/valid."""
     if len(node.inputs) != 2 or int(node.attrs.get("axis", 0)) not in (0, -1):
         return None
-    indices = peek_value(node.inputs[1])
+    indices = read_constant(node.inputs[1])
     if indices is None or indices.dtype.kind not in "iu":
         return None
     indices = indices.astype(np.int64)
@@ -160,7 +157,7 @@ def _slice(node: gs.Node, length: int) -> np.ndarray | None:
     if len(node.inputs) >= 3:
         values = []
         for tensor in node.inputs[1:5]:
-            value = None if not tensor.name else peek_value(tensor)
+            value = None if not tensor.name else read_constant(tensor)
             if tensor.name and (value is None or value.dtype.kind not in "iu"):
                 return None
             values.append(None if value is None else value.astype(np.int64).reshape(-1))
@@ -199,7 +196,7 @@ def _explicit_reshape(node: gs.Node, types: dict[str, TensorType]) -> np.ndarray
         return None
     if 0 in out and not allowzero:
         return None  # written out, a 0 would mean "copy the input dim"
-    shape = peek_value(node.inputs[1])
+    shape = read_constant(node.inputs[1])
     if shape is None:
         # A computed shape that inference (with data propagation) pinned down completely.
         computed = types.get(node.inputs[1].name)

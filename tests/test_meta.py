@@ -33,8 +33,9 @@ def test_every_builtin_pass_has_tests_golden_files_and_matching_names():
 
 def test_every_builtin_pass_has_a_property_test():
     for pass_class in _builtin_passes():
-        text = (ROOT / "tests" / "passes" / f"test_{pass_class.name.replace('-', '_')}.py"
-                ).read_text()
+        text = (
+            ROOT / "tests" / "passes" / f"test_{pass_class.name.replace('-', '_')}.py"
+        ).read_text()
         assert "@given(" in text and "check_pass(" in text, pass_class.name
 
 
@@ -56,21 +57,51 @@ def test_every_hook_has_a_test():
 
 
 def test_public_api_is_pinned():
-    assert sorted(dsopt.__all__) == sorted([
-        "Analysis", "AnalysisManager", "Artifact", "CheckFailed", "CompileResult",
-        "DsoptError", "GraphView", "LoweringError", "ModelError", "Module", "OptimizeResult",
-        "Pass", "PassContext", "PassError", "PassManager", "PassResult", "Pipeline",
-        "PluginError", "PluginHost", "Shapes", "Target", "TensorType", "TopologicalOrder",
-        "UsageError", "VerificationError", "__version__", "compile", "hookimpl", "optimize",
-        "parse_pipeline",
-    ])
+    assert sorted(dsopt.__all__) == sorted(
+        [
+            "Analysis",
+            "AnalysisManager",
+            "Artifact",
+            "CheckFailed",
+            "CompileResult",
+            "DsoptError",
+            "GraphView",
+            "LoweringError",
+            "ModelError",
+            "Module",
+            "OptimizeResult",
+            "Pass",
+            "PassContext",
+            "PassError",
+            "PassManager",
+            "PassResult",
+            "Pipeline",
+            "PluginError",
+            "PluginHost",
+            "Shapes",
+            "Target",
+            "TensorType",
+            "TopologicalOrder",
+            "UsageError",
+            "VerificationError",
+            "__version__",
+            "compile",
+            "hookimpl",
+            "optimize",
+            "parse_pipeline",
+        ]
+    )
     for name in dsopt.__all__:
         assert hasattr(dsopt, name)
 
 
 def test_no_tvm_import_outside_the_tvm_module():
     offenders = []
-    for path in [*ROOT.glob("dsopt/**/*.py"), *ROOT.glob("passes/*.py"), *ROOT.glob("targets/*.py")]:
+    for path in [
+        *ROOT.glob("dsopt/**/*.py"),
+        *ROOT.glob("passes/*.py"),
+        *ROOT.glob("targets/*.py"),
+    ]:
         if path.name == "_tvm.py":
             continue
         if re.search(r"^\s*(import tvm|from tvm)", path.read_text(), re.M):
@@ -80,6 +111,9 @@ def test_no_tvm_import_outside_the_tvm_module():
 
 def test_no_bare_passes_or_targets_imports():
     pattern = re.compile(r"^\s*(from|import) (passes|targets)\b", re.M)
-    offenders = [str(p) for p in ROOT.rglob("*.py")
-                 if ".git" not in p.parts and pattern.search(p.read_text())]
+    offenders = [
+        str(p)
+        for p in ROOT.rglob("*.py")
+        if ".git" not in p.parts and pattern.search(p.read_text())
+    ]
     assert not offenders

@@ -12,9 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_has_only_dsopt_and_all_passes(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("dsopt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -29,6 +40,7 @@ def test_wheel_has_only_dsopt_and_all_passes(tmp_path):
 
 
 def test_bare_passes_package_is_not_importable():
-    result = subprocess.run([sys.executable, "-c", "import passes"], capture_output=True,
-                            cwd="/", text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", "import passes"], capture_output=True, cwd="/", text=True
+    )
     assert result.returncode != 0

@@ -60,31 +60,69 @@ RTOL, ATOL = 1e-3, 1e-4
 # more (`Add(6)` still had the `broadcast` attribute, `BatchNormalization(6)` `consumed_inputs`).
 _NO_KERNEL = "Could not find an implementation for"
 ORT_CANNOT_RUN: dict[str, str] = {
-    **{name: f"{_NO_KERNEL} AveragePool(1)" for name in (
-        "test_AvgPool1d", "test_AvgPool1d_stride", "test_AvgPool2d", "test_AvgPool2d_stride",
-        "test_AvgPool3d", "test_AvgPool3d_stride", "test_AvgPool3d_stride1_pad0_gpu_input",
-    )},
-    **{name: f"{_NO_KERNEL} BatchNormalization(6)" for name in (
-        "test_BatchNorm1d_3d_input_eval", "test_BatchNorm2d_eval",
-        "test_BatchNorm2d_momentum_eval", "test_BatchNorm3d_eval",
-        "test_BatchNorm3d_momentum_eval",
-    )},
-    **{name: f"{_NO_KERNEL} PRelu(6)" for name in (
-        "test_PReLU_1d", "test_PReLU_1d_multiparam", "test_PReLU_2d", "test_PReLU_2d_multiparam",
-        "test_PReLU_3d", "test_PReLU_3d_multiparam",
-    )},
-    **{name: f"{_NO_KERNEL} Mul(6)" for name in (
-        "test_GLU", "test_GLU_dim", "test_PoissonNLLLLoss_no_reduce",
-    )},
-    **{name: f"{_NO_KERNEL} Gemm(6)" for name in (
-        "test_Linear", "test_operator_addmm", "test_operator_mm",
-    )},
-    **{name: f"{_NO_KERNEL} Add(6)" for name in (
-        "test_Softsign", "test_operator_add_broadcast", "test_operator_add_size1_broadcast",
-        "test_operator_add_size1_right_broadcast", "test_operator_add_size1_singleton_broadcast",
-        "test_operator_addconstant", "test_operator_basic", "test_operator_non_float_params",
-        "test_operator_params",
-    )},
+    **{
+        name: f"{_NO_KERNEL} AveragePool(1)"
+        for name in (
+            "test_AvgPool1d",
+            "test_AvgPool1d_stride",
+            "test_AvgPool2d",
+            "test_AvgPool2d_stride",
+            "test_AvgPool3d",
+            "test_AvgPool3d_stride",
+            "test_AvgPool3d_stride1_pad0_gpu_input",
+        )
+    },
+    **{
+        name: f"{_NO_KERNEL} BatchNormalization(6)"
+        for name in (
+            "test_BatchNorm1d_3d_input_eval",
+            "test_BatchNorm2d_eval",
+            "test_BatchNorm2d_momentum_eval",
+            "test_BatchNorm3d_eval",
+            "test_BatchNorm3d_momentum_eval",
+        )
+    },
+    **{
+        name: f"{_NO_KERNEL} PRelu(6)"
+        for name in (
+            "test_PReLU_1d",
+            "test_PReLU_1d_multiparam",
+            "test_PReLU_2d",
+            "test_PReLU_2d_multiparam",
+            "test_PReLU_3d",
+            "test_PReLU_3d_multiparam",
+        )
+    },
+    **{
+        name: f"{_NO_KERNEL} Mul(6)"
+        for name in (
+            "test_GLU",
+            "test_GLU_dim",
+            "test_PoissonNLLLLoss_no_reduce",
+        )
+    },
+    **{
+        name: f"{_NO_KERNEL} Gemm(6)"
+        for name in (
+            "test_Linear",
+            "test_operator_addmm",
+            "test_operator_mm",
+        )
+    },
+    **{
+        name: f"{_NO_KERNEL} Add(6)"
+        for name in (
+            "test_Softsign",
+            "test_operator_add_broadcast",
+            "test_operator_add_size1_broadcast",
+            "test_operator_add_size1_right_broadcast",
+            "test_operator_add_size1_singleton_broadcast",
+            "test_operator_addconstant",
+            "test_operator_basic",
+            "test_operator_non_float_params",
+            "test_operator_params",
+        )
+    },
     "test_operator_pow": f"{_NO_KERNEL} Pow(1)",
     # Training-only op in the ai.onnx.preview.training domain; inference builds lack it.
     "test_gradient_of_add": "ai.onnx.preview.training:Gradient(-1) is not a registered",
@@ -141,18 +179,20 @@ class Case:
             return numerics.load_inputs(self.data, self.model)
         proto = onnx.load(self.model, load_external_data=False)
         weights = {t.name for t in proto.graph.initializer}
-        return [{
-            x.name: Runner.generate_dummy_data(x, seed=0, name=self.name, random=False)
-            for x in proto.graph.input if x.name not in weights
-        }]
+        return [
+            {
+                x.name: Runner.generate_dummy_data(x, seed=0, name=self.name, random=False)
+                for x in proto.graph.input
+                if x.name not in weights
+            }
+        ]
 
 
 def _discover() -> list[Case]:
     cases = [Case("light", p.stem, p, None) for p in sorted((DATA / "light").glob("*.onnx"))]
     for kind in FOLDER_KINDS:
         for folder in sorted(p for p in (DATA / kind).iterdir() if p.is_dir()):
-            cases.append(Case(kind, folder.name, folder / "model.onnx",
-                              folder / "test_data_set_0"))
+            cases.append(Case(kind, folder.name, folder / "model.onnx", folder / "test_data_set_0"))
     return cases
 
 

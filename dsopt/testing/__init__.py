@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 
 from dsopt.analysis import AnalysisManager
-from dsopt.pattern import topological_order
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult, verify_model
+from dsopt.pattern import topological_order
 
 __all__ = ["PROPERTY_EXAMPLES", "TOLERANCES", "apply_pass", "check_pass"]
 

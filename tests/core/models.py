@@ -22,8 +22,9 @@ def tiny(opset: int = 17) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
         [c],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="test")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="test"
+    )
     model.ir_version = 8
     model.metadata_props.add(key="author", value="dsopt-tests")
     return model

@@ -33,8 +33,19 @@ def test_optimize_writes_output_and_report(model_path, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     report = tmp_path / "report.json"
     before = model_path.read_bytes()
-    code = main(["optimize", str(model_path), "-o", str(out), "--check", "--verify", "each",
-                 "--report", str(report)])
+    code = main(
+        [
+            "optimize",
+            str(model_path),
+            "-o",
+            str(out),
+            "--check",
+            "--verify",
+            "each",
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert model_path.read_bytes() == before
     optimized = onnx.load(out)
@@ -65,8 +76,16 @@ def test_unknown_pass_is_one_line_exit_2(model_path, tmp_path, capsys):
 
 
 def test_bad_option_value(model_path, tmp_path, capsys):
-    code = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"),
-                 "--passes", "fold-constants{max_size_mb=lots}"])
+    code = main(
+        [
+            "optimize",
+            str(model_path),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--passes",
+            "fold-constants{max_size_mb=lots}",
+        ]
+    )
     assert code == 2
     assert "max_size_mb" in _one_error_line(capsys.readouterr().err)
 
@@ -119,8 +138,11 @@ def test_compile_unknown_target(tmp_path, capsys):
 def test_verify_command(model_path, tmp_path, capsys):
     other = tiny()
     for tensor in other.graph.initializer:
-        tensor.CopyFrom(onnx.numpy_helper.from_array(
-            onnx.numpy_helper.to_array(tensor) + np.float32(0.5), tensor.name))
+        tensor.CopyFrom(
+            onnx.numpy_helper.from_array(
+                onnx.numpy_helper.to_array(tensor) + np.float32(0.5), tensor.name
+            )
+        )
     changed = tmp_path / "changed.onnx"
     onnx.save_model(other, changed)
     assert main(["verify", str(model_path), str(model_path)]) == 0
@@ -142,11 +164,16 @@ def test_inspect_passes_targets(model_path, capsys):
 
 
 def test_python_dash_m_and_debug_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dsopt", "inspect", str(tmp_path / "x.onnx")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dsopt", "inspect", str(tmp_path / "x.onnx")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("dsopt: error:")
     debug = subprocess.run(
         [sys.executable, "-m", "dsopt", "inspect", str(tmp_path / "x.onnx"), "--debug"],
-        capture_output=True, text=True)
+        capture_output=True,
+        text=True,
+    )
     assert debug.returncode == 2 and "Traceback" in debug.stderr

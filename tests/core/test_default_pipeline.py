@@ -29,7 +29,7 @@ def test_default_pipeline_is_lossless_on_random_graphs(model):
 
 
 @given(model=strategies.models(dynamic=False, max_ops=16))
-@settings(max_examples=PROPERTY_EXAMPLES // 2)
+@settings(max_examples=PROPERTY_EXAMPLES)
 def test_default_pipeline_on_static_graphs_is_deterministic(model):
     first = _check_default_pipeline(model).module.to_proto().SerializeToString(deterministic=True)
     second = dsopt.optimize(model).module.to_proto().SerializeToString(deterministic=True)

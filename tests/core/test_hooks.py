@@ -22,8 +22,11 @@ def test_hook_dsopt_register_passes():
 
 
 def test_hook_dsopt_register_targets():
-    host = _host_with(dsopt_register_targets=lambda registry: registry.add(
-        Target(name="edge-box", summary="test target", pipeline="eliminate-dead")))
+    host = _host_with(
+        dsopt_register_targets=lambda registry: registry.add(
+            Target(name="edge-box", summary="test target", pipeline="eliminate-dead")
+        )
+    )
     assert host.get_target("edge-box").pipeline == "eliminate-dead"
 
 
@@ -44,8 +47,7 @@ def test_hook_dsopt_before_pass_and_after_pass_order():
     events = []
     host = _host_with(
         dsopt_before_pass=lambda pass_: events.append(("before", pass_.name)),
-        dsopt_after_pass=lambda pass_, record: events.append(("after", pass_.name,
-                                                              record.changed)),
+        dsopt_after_pass=lambda pass_, record: events.append(("after", pass_.name, record.changed)),
     )
     optimize(tiny(), passes="eliminate-dead", host=host)
     assert events == [("before", "eliminate-dead"), ("after", "eliminate-dead", True)]
@@ -74,10 +76,16 @@ def test_hook_dsopt_add_options():
 
 
 def test_print_after_and_dump_dir(tmp_path, capsys):
-    optimize(tiny(), passes="eliminate-noops,eliminate-dead",
-             options={"print_after": ("eliminate-dead",), "dump_dir": str(tmp_path)})
+    optimize(
+        tiny(),
+        passes="eliminate-noops,eliminate-dead",
+        options={"print_after": ("eliminate-dead",), "dump_dir": str(tmp_path)},
+    )
     err = capsys.readouterr().err
     assert "IR after eliminate-dead" in err and "Relu" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "000_eliminate-noops.onnx", "000_eliminate-noops.txt",
-        "001_eliminate-dead.onnx", "001_eliminate-dead.txt"]
+        "000_eliminate-noops.onnx",
+        "000_eliminate-noops.txt",
+        "001_eliminate-dead.onnx",
+        "001_eliminate-dead.txt",
+    ]

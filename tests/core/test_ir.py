@@ -28,16 +28,30 @@ def test_round_trip_is_deterministic():
 
 
 def test_subgraphs_are_visited():
-    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3])])
-    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3])])
+    then = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3])],
+    )
     graph = helper.make_graph(
-        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
-         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
-    module = Module.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+    )
+    module = Module.from_proto(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
     assert module.node_count() == 3
     assert sorted(g.name for g in module.graphs()) == ["else", "g", "then"]
 
@@ -70,11 +84,16 @@ def test_external_data_outside_model_folder_is_refused(tmp_path):
 def test_external_data_loads(tmp_path):
     model = tiny()
     path = tmp_path / "ext.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="ext.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.data",
+        size_threshold=0,
+    )
     module = Module.load(path)
-    values = [np.asarray(t.values) for t in module.graph.tensors().values()
-              if t.name == "c"]
+    values = [np.asarray(t.values) for t in module.graph.tensors().values() if t.name == "c"]
     assert np.array_equal(values[0], np.arange(6, dtype=np.float32).reshape(2, 3))
 
 
@@ -84,7 +103,8 @@ def test_save_switches_to_external_data_past_threshold(tmp_path, monkeypatch):
     monkeypatch.setattr(dsopt.ir, "_EXTERNAL_DATA_THRESHOLD", 16)
     model = tiny()
     model.graph.initializer[0].CopyFrom(
-        numpy_helper.from_array(np.ones((2, 3), np.float32) * np.arange(3, dtype=np.float32), "c"))
+        numpy_helper.from_array(np.ones((2, 3), np.float32) * np.arange(3, dtype=np.float32), "c")
+    )
     big = numpy_helper.from_array(np.ones((64, 64), np.float32), "big")
     model.graph.initializer.append(big)
     path = save_model(model, tmp_path / "big.onnx")

@@ -106,8 +106,9 @@ def test_crash_writes_reproducer_and_names_previous_passes(tmp_path):
 
 def test_wrong_return_type_is_a_pass_error(tmp_path):
     with pytest.raises(PassError, match="must return PassResult"):
-        PassManager([WrongReturn()], crash_dir=tmp_path).run(Module.from_proto(tiny()),
-                                                             PassContext())
+        PassManager([WrongReturn()], crash_dir=tmp_path).run(
+            Module.from_proto(tiny()), PassContext()
+        )
 
 
 def test_opset_range_skips_with_reason():
@@ -158,3 +159,21 @@ def test_cycle_is_a_model_error():
     with pytest.raises(ModelError, match="cycle"):
         AnalysisManager(module).get(TopologicalOrder)
     assert isinstance(add.inputs[0], gs.Variable)
+
+
+def test_match_subgraphs_finds_add_relu_chain():
+    import networkx as nx
+
+    from dsopt.analysis import match_subgraphs
+
+    module = Module.from_proto(tiny())
+    view = AnalysisManager(module).get(GraphView)
+    pattern = nx.DiGraph()
+    pattern.add_node("add", op="Add")
+    pattern.add_node("act", op=("Relu", "Sigmoid"))
+    pattern.add_edge("add", "act")
+    matches = list(match_subgraphs(view, pattern))
+    assert sorted(view.nodes[k]["op"] for m in matches for k, v in m.items() if v == "act") == [
+        "Relu",
+        "Sigmoid",
+    ]

@@ -13,13 +13,16 @@ def test_parse_names_and_options():
     assert str(pipeline) == "fold-constants{max_size_mb=4,x=y},eliminate-dead"
 
 
-@pytest.mark.parametrize("text, where", [
-    ("a{b=1", "unclosed"),
-    ("a{b}", "needs a value"),
-    ("a b", "expected ','"),
-    ("", "empty"),
-    ("a,{x=1}", "expected a pass name"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("a{b=1", "unclosed"),
+        ("a{b}", "needs a value"),
+        ("a b", "expected ','"),
+        ("", "empty"),
+        ("a,{x=1}", "expected a pass name"),
+    ],
+)
 def test_parse_errors_name_the_problem(text, where):
     with pytest.raises(UsageError, match=where):
         parse_pipeline(text)
@@ -48,7 +51,7 @@ def test_default_pipeline_repeats():
 def test_config_files(tmp_path):
     (tmp_path / "pyproject.toml").write_text(
         '[tool.dsopt]\npasses = ["fold-constants", "eliminate-dead"]\nverify = "each"\n'
-        '[tool.dsopt.options.fold-constants]\nmax_size_mb = 2\n'
+        "[tool.dsopt.options.fold-constants]\nmax_size_mb = 2\n"
     )
     found = find_config(tmp_path)
     assert found == tmp_path / "pyproject.toml"

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import onnx.parser
 import pytest
-from dsopt.passes import EliminateCommonSubexpressions
 from hypothesis import given, settings
 
+from dsopt.passes import EliminateCommonSubexpressions
 from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, strategies
 from dsopt.testing.golden import golden_cases, run_golden
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import onnx.parser
 import pytest
-from dsopt.passes import EliminateNoops
-from dsopt.passes.eliminate_noops import RULES
 from hypothesis import given, settings
 
+from dsopt.passes import EliminateNoops
+from dsopt.passes.eliminate_noops import RULES
 from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, strategies
 from dsopt.testing.golden import golden_cases, run_golden
 
@@ -54,7 +54,10 @@ def test_neutral_constants_stats():
     case = next(p for p in GOLDEN if p.name.startswith("neutral_constants"))
     rewritten, result = apply_pass(EliminateNoops(), onnx.parser.parse_model(case.read_text()))
     assert fired(result.stats) == {
-        "add-zero": 2, "mul-by-one": 2, "sub-zero": 1, "div-by-one": 1,
+        "add-zero": 2,
+        "mul-by-one": 2,
+        "sub-zero": 1,
+        "div-by-one": 1,
     }
     assert ops(rewritten.graph) == ["Relu", "Sub", "Div", "Add"]
 
@@ -70,7 +73,9 @@ def test_graph_output_name_moves_to_producer():
     rewritten, result = check_pass(EliminateNoops(), model)
     assert fired(result.stats) == {"identity": 2}
     assert [(n.op_type, list(n.output)) for n in rewritten.graph.node] == [
-        ("Relu", ["r"]), ("Sigmoid", ["y"])]
+        ("Relu", ["r"]),
+        ("Sigmoid", ["y"]),
+    ]
     assert [o.name for o in rewritten.graph.output] == ["y", "r"]
 
 
@@ -92,7 +97,8 @@ def test_outer_tensor_readers_in_subgraphs_follow():
     (if_node,) = rewritten.graph.node
     then_g, else_g = (a.g for a in if_node.attribute)
     assert [(n.op_type, list(n.input), list(n.output)) for n in then_g.node] == [
-        ("Relu", ["x"], ["t"])]
+        ("Relu", ["x"], ["t"])
+    ]
     # the branch output comes straight from the outer scope: that Identity must stay
     assert [(n.op_type, list(n.input)) for n in else_g.node] == [("Identity", ["x"])]
 
@@ -148,25 +154,31 @@ def test_cast_uses_inferred_element_type():
 
 
 def test_old_opset_forms():
-    model = parse("""
+    model = parse(
+        """
     g (float[2, 3] x) => (float[2, 3] y) {
       a = Pad <pads = [0, 0, 0, 0]> (x)
       b = Slice <starts = [0], ends = [2], axes = [0]> (a)
       y = Relu (b)
-    }""", header='<ir_version: 4, opset_import: ["" : 9]>\n')
+    }""",
+        header='<ir_version: 4, opset_import: ["" : 9]>\n',
+    )
     rewritten, result = check_pass(EliminateNoops(), model)
     assert fired(result.stats) == {"pad": 1, "slice": 1}
     assert ops(rewritten.graph) == ["Relu"]
 
 
 def test_dropout_before_opset_7_needs_is_test():
-    model = parse("""
+    model = parse(
+        """
     g (float[2, 3] x) => (float[2, 3] y, float[2, 3] z) {
       a = Dropout <is_test = 1> (x)
       y = Relu (a)
       b = Dropout (x)
       z = Relu (b)
-    }""", header='<ir_version: 3, opset_import: ["" : 6]>\n')
+    }""",
+        header='<ir_version: 3, opset_import: ["" : 6]>\n',
+    )
     rewritten, result = apply_pass(EliminateNoops(), model)  # onnxruntime lacks opset 6
     assert fired(result.stats) == {"dropout": 1}
     assert ops(rewritten.graph) == ["Relu", "Dropout", "Relu"]

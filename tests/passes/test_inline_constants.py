@@ -18,7 +18,8 @@ def test_golden(case):
 
 def test_all_constant_nodes_become_initializers():
     model = onnx.parser.parse_model(
-        next(p for p in GOLDEN if p.name.startswith("constant_nodes")).read_text())
+        next(p for p in GOLDEN if p.name.startswith("constant_nodes")).read_text()
+    )
     rewritten, result = apply_pass(InlineConstants(), model)
     assert result.stats == {"inlined": 2}
     assert [n.op_type for n in rewritten.graph.node] == ["Add", "Mul"]

@@ -15,7 +15,8 @@ from dsopt_example import EliminateDoubleNegation
 
 def _model(nodes, output="y"):
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, [2, 3])],
     )
@@ -23,14 +24,18 @@ def _model(nodes, output="y"):
 
 
 def test_double_negation_removed_and_outputs_equal():
-    model = _model([
-        helper.make_node("Neg", ["x"], ["a"]),
-        helper.make_node("Neg", ["a"], ["b"]),
-        helper.make_node("Relu", ["b"], ["y"]),
-    ])
-    rewritten, result = check_pass(EliminateDoubleNegation(), model,
-                                   feeds={"x": np.random.default_rng(0).standard_normal((2, 3),
-                                                                                      np.float32)})
+    model = _model(
+        [
+            helper.make_node("Neg", ["x"], ["a"]),
+            helper.make_node("Neg", ["a"], ["b"]),
+            helper.make_node("Relu", ["b"], ["y"]),
+        ]
+    )
+    rewritten, result = check_pass(
+        EliminateDoubleNegation(),
+        model,
+        feeds={"x": np.random.default_rng(0).standard_normal((2, 3), np.float32)},
+    )
     assert result.stats["removed-pairs"] == 1
     assert [n.op_type for n in rewritten.graph.node] == ["Relu"]
 
