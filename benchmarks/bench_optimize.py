@@ -430,10 +430,10 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path) -> None:
+def write_section(text: str, path: Path, title: str = TITLE) -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == TITLE), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
     if start is None:
         new = old.rstrip("\n") + "\n\n" + text
     else:

@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="ops, parameters, FLOPs, inputs and outputs of a model")
     p.add_argument("model")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="fix an input shape so FLOPs of dynamic models can be counted",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
 
@@ -456,6 +463,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from dsopt.ir import load
 
     model = load(args.model)
+    for name, dims in (_shapes(args.shape) or {}).items():
+        _fix_input_shape(model, name, dims)
     result = summary.summarize(model, base_dir=Path(args.model).parent)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -492,6 +501,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         sys.stderr.write(f"dsopt: outputs outside tolerance: {bad}\n")
         return ExitCode.CHECK_FAILED
     return ExitCode.OK
+
+
+def _fix_input_shape(model: Any, name: str, dims: Sequence[int]) -> None:
+    """Sets graph input `name` to static `dims` (for `inspect --shape`)."""
+    for value in model.graph.input:
+        if value.name == name:
+            shape = value.type.tensor_type.shape
+            if len(shape.dim) != len(dims):
+                raise UsageError(
+                    f"--shape {name}: the model's input has rank {len(shape.dim)}, not {len(dims)}"
+                )
+            for dim, size in zip(shape.dim, dims, strict=True):
+                dim.Clear()
+                dim.dim_value = size
+            return
+    names = ", ".join(v.name for v in model.graph.input)
+    raise UsageError(f"--shape {name}: the model has no input '{name}' (inputs: {names})")
 
 
 def _is_large(path: str) -> bool:

@@ -26,9 +26,11 @@ __all__ = [
 STAGES = ("canonicalize", "fuse", "qdq", "quantize", "precision", "attention", "prune")
 
 #: The default lossless pipeline; the pass manager repeats it while anything changes.
+#: Lossless allows `reassoc` fusions: exact up to float re-association.
 DEFAULT_PIPELINE = (
-    "inline-constants,eliminate-noops,simplify-shapes,"
-    "fold-constants,eliminate-common-subexpressions,eliminate-dead"
+    "inline-constants,eliminate-noops,simplify-shapes,fold-constants,"
+    "fuse-batch-norm,fold-bias-add,fuse-matmul-add,"
+    "eliminate-common-subexpressions,eliminate-dead"
 )
 
 DEFAULT_ROUNDS = 4

@@ -11,7 +11,10 @@ from dsopt import hookimpl
 from dsopt.passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from dsopt.passes.eliminate_dead import EliminateDead
 from dsopt.passes.eliminate_noops import EliminateNoops
+from dsopt.passes.fold_bias_add import FoldBiasAdd
 from dsopt.passes.fold_constants import FoldConstants
+from dsopt.passes.fuse_batch_norm import FuseBatchNorm
+from dsopt.passes.fuse_matmul_add import FuseMatmulAdd
 from dsopt.passes.inline_constants import InlineConstants
 from dsopt.passes.simplify_shapes import SimplifyShapes
 from dsopt.plugin import PassRegistry
@@ -23,6 +26,9 @@ BUILTIN_PASSES = (
     FoldConstants,
     EliminateCommonSubexpressions,
     EliminateDead,
+    FuseBatchNorm,
+    FoldBiasAdd,
+    FuseMatmulAdd,
 )
 
 

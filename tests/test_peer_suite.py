@@ -32,7 +32,6 @@ the interface and produces a model onnxruntime runs with the same output.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import locale
@@ -44,15 +43,13 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx.backend.test.runner import Runner
 
 import dsopt
 from dsopt import numerics
 from dsopt.cli import main as dsopt_main
 from dsopt.errors import DsoptError
+from dsopt.testing.backend_suite import Case, discover
 
-DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
-FOLDER_KINDS = ("pytorch-converted", "pytorch-operator", "simple")
 RTOL, ATOL = 1e-3, 1e-4
 
 # Cases onnxruntime 1.32 (CPUExecutionProvider) cannot load, at any optimization level, with a
@@ -164,39 +161,7 @@ TOTAL_CASES = 149
 EXPECTED_RUNNABLE = 113 if HAS_EN_US_LOCALE else 109
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One backend-test model: where it is and where its inputs are (None: runner dummy data)."""
-
-    kind: str
-    name: str
-    model: Path
-    data: Path | None
-
-    def inputs(self) -> list[numerics.Feeds]:
-        """The sample(s) the onnx backend runner feeds this model."""
-        if self.data is not None:
-            return numerics.load_inputs(self.data, self.model)
-        proto = onnx.load(self.model, load_external_data=False)
-        weights = {t.name for t in proto.graph.initializer}
-        return [
-            {
-                x.name: Runner.generate_dummy_data(x, seed=0, name=self.name, random=False)
-                for x in proto.graph.input
-                if x.name not in weights
-            }
-        ]
-
-
-def _discover() -> list[Case]:
-    cases = [Case("light", p.stem, p, None) for p in sorted((DATA / "light").glob("*.onnx"))]
-    for kind in FOLDER_KINDS:
-        for folder in sorted(p for p in (DATA / kind).iterdir() if p.is_dir()):
-            cases.append(Case(kind, folder.name, folder / "model.onnx", folder / "test_data_set_0"))
-    return cases
-
-
-ALL_CASES = _discover()
+ALL_CASES = discover()
 RUNNABLE = [c for c in ALL_CASES if c.name not in ORT_CANNOT_RUN]
 
 

@@ -177,3 +177,12 @@ def test_python_dash_m_and_debug_traceback(tmp_path):
         text=True,
     )
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_inspect_with_fixed_shape_counts_flops(capsys):
+    assert main(["inspect", str(EXAMPLE), "--json", "--shape", "input=1,3,32,32"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # conv1: 8*3*3*3 MACs per output pixel over 32*32; conv2: 16*8*3*3 over 16*16; fc: 16*10
+    assert data["macs"] >= 8 * 27 * 32 * 32 + 16 * 72 * 16 * 16 + 160
+    assert main(["inspect", str(EXAMPLE), "--shape", "nope=1"]) == 2
+    assert "no input 'nope'" in _one_error_line(capsys.readouterr().err)
