@@ -260,9 +260,11 @@ def _progress_context(total_hint: int) -> Any:
     )
 
 
-def _run_optimize(args: argparse.Namespace, *, output_check: bool) -> Any:
-    from dsopt.driver import optimize
+def _run_with_progress(run: Any, args: argparse.Namespace, **kwargs: Any) -> Any:
+    """Calls `run` (driver.optimize or driver.compile) with the shared pipeline options.
 
+    On a terminal, a progress line shows the pass running and the node count.
+    """
     options = _instrument_options(args)
     progress = _progress_context(0)
     if progress is not None:
@@ -272,19 +274,18 @@ def _run_optimize(args: argparse.Namespace, *, output_check: bool) -> Any:
         )
         progress.start()
     try:
-        return optimize(
+        return run(
             args.model,
             passes=args.passes,
-            target=getattr(args, "target", None),
             config=_config(args),
             verify=args.verify,
-            check=output_check,
             shapes=_shapes(args.shape),
             inputs=_inputs(args.inputs, args.model),
             rtol=args.rtol,
             atol=args.atol,
             host=_host(args),
             options=options,
+            **kwargs,
         )
     finally:
         if progress is not None:
@@ -322,7 +323,9 @@ def _print_equivalence(equivalence: Any, console: Any) -> None:
 # -- commands ----------------------------------------------------------------------------------
 def _cmd_optimize(args: argparse.Namespace) -> int:
     _check_output_path(args.model, args.output)
-    result = _run_optimize(args, output_check=args.check)
+    from dsopt.driver import optimize
+
+    result = _run_with_progress(optimize, args, target=args.target, check=args.check)
     console = _console()
     if result.equivalence is not None and not result.equivalence.ok:
         _print_equivalence(result.equivalence, console)
@@ -347,21 +350,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from dsopt.driver import compile as compile_model
 
-    options = _instrument_options(args)
-    result = compile_model(
-        args.model,
-        target=args.target,
-        outdir=args.outdir,
-        passes=args.passes,
-        config=_config(args),
-        verify=args.verify,
-        check=not args.no_check,
-        shapes=_shapes(args.shape),
-        inputs=_inputs(args.inputs, args.model),
-        rtol=args.rtol,
-        atol=args.atol,
-        host=_host(args),
-        options=options,
+    result = _run_with_progress(
+        compile_model, args, target=args.target, outdir=args.outdir, check=not args.no_check
     )
     console = _console()
     equivalence = result.report.get("equivalence")

@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 
 from dsopt.errors import CheckFailed, UsageError
-from dsopt.ir import Module, load
+from dsopt.ir import Module
 from dsopt.pass_infra import PassContext, PassManager, PipelineReport, Verify
 from dsopt.pipeline import Pipeline, default_pipeline, load_config, parse_pipeline
 from dsopt.plugin import PluginHost
@@ -58,7 +58,7 @@ def _as_module(
     if isinstance(model, onnx.ModelProto):
         return Module.from_proto(model), None
     path = Path(model)
-    return Module.from_proto(load(path), base_dir=path.parent), path
+    return Module.load(path), path
 
 
 def build_pipeline(

@@ -70,6 +70,7 @@ class Module:
         self.graph = graph
         self.facts = facts
         self.base_dir = base_dir
+        self.source: Path | None = None
         self.generation = 0
 
     # -- construction ---------------------------------------------------------------------
@@ -88,13 +89,20 @@ class Module:
             graph = gs.import_onnx(model)
         except Exception as e:  # graphsurgeon raises assorted errors on malformed graphs
             raise ModelError(f"cannot import the graph: {_first_line(e)}") from e
+        # Exporters sometimes write nodes out of order; runtimes accept that, the checker not.
+        from dsopt.pattern import topological_order
+
+        for sub in iter_graphs(graph):
+            sub.nodes = topological_order(sub)
         return cls(graph, facts, base_dir=base_dir)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Module:
         """Loads `path` (with its external data) into a Module."""
         path = Path(path)
-        return cls.from_proto(load(path), base_dir=path.parent)
+        module = cls.from_proto(load(path), base_dir=path.parent)
+        module.source = path
+        return module
 
     def clone(self) -> Module:
         """A deep copy that shares nothing mutable with this module."""

@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from dsopt.analysis import Analysis, AnalysisManager
-from dsopt.errors import DsoptError, PassError, UsageError, VerificationError
+from dsopt.errors import DsoptError, ModelError, PassError, UsageError, VerificationError
 from dsopt.ir import Module, iter_graphs, save_model
 from dsopt.pattern import topological_order
 
@@ -241,8 +241,10 @@ def _itemsize(dtype: Any) -> int:
             return 1
 
 
-def verify_model(model: onnx.ModelProto, path: Path | None = None) -> str | None:
-    """Full onnx.checker plus strict shape inference; returns the first error line or None."""
+def verify_model(
+    model: onnx.ModelProto, path: Path | None = None, *, strict: bool = True
+) -> str | None:
+    """Full onnx.checker, then (if `strict`) strict shape inference; the first error or None."""
     try:
         if path is not None:
             onnx.checker.check_model(str(path), full_check=True)
@@ -250,7 +252,7 @@ def verify_model(model: onnx.ModelProto, path: Path | None = None) -> str | None
             onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # noqa: BLE001 - checker raises ValidationError and others
         return f"onnx.checker: {_first_line(e)}"
-    if path is None:
+    if path is None and strict:
         try:
             onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         except Exception as e:  # noqa: BLE001 - InferenceError and friends
@@ -299,38 +301,34 @@ class PassManager:
         ctx.analyses = AnalysisManager(module)
         report = PipelineReport(before=graph_counts(module))
         started = time.perf_counter()
-        baseline_ok = True
         # The reproducer of a failing pass is this input plus the passes run so far.
         self._input = module.to_proto() if graph_counts(module)["bytes"] < _SNAPSHOT_LIMIT else None
+        self._strict = True
         if self.verify != "off":
-            baseline_error = verify_model(self._input or module.to_proto())
-            baseline_ok = baseline_error is None
-            if not baseline_ok:
-                logger.warning(
-                    "input model does not verify (%s); verification is off", baseline_error
-                )
-                report.verification = f"skipped: the input does not verify ({baseline_error})"
+            self._check_input(module)
         done: list[str] = []
         position = 0
         for round_index in range(self.rounds):
             changed_any = False
             for pass_ in self.passes:
-                record = self._run_one(module, ctx, pass_, position, round_index, done, baseline_ok)
+                record = self._run_one(module, ctx, pass_, position, round_index, done)
                 report.passes.append(record)
                 changed_any |= record.changed
                 done.append(pass_.describe())
                 position += 1
             if not changed_any:
                 break
-        if self.verify == "end" and baseline_ok:
-            error = verify_model(module.to_proto())
+        if self.verify == "end":
+            error = verify_model(module.to_proto(), strict=self._strict)
             if error is not None:
                 raise VerificationError(
                     f"broken model after the pipeline ({', '.join(done)}): {error}",
                     hint="rerun with --verify each to find the pass",
                 )
-        if baseline_ok and self.verify != "off":
-            report.verification = f"ok ({self.verify})"
+        if self.verify != "off":
+            report.verification = f"ok ({self.verify})" + (
+                "" if self._strict else "; checker only: the input fails strict shape inference"
+            )
         report.after = graph_counts(module)
         report.seconds = time.perf_counter() - started
         return report
@@ -343,7 +341,6 @@ class PassManager:
         position: int,
         round_index: int,
         done: Sequence[str],
-        baseline_ok: bool,
     ) -> PassRecord:
         assert ctx.analyses is not None
         if not pass_.applies_to(module.opset):
@@ -390,8 +387,8 @@ class PassManager:
             ctx.analyses.invalidate(result.preserves)
             for graph in module.graphs():
                 graph.nodes = topological_order(graph)
-            if self.verify == "each" and baseline_ok:
-                error = verify_model(module.to_proto())
+            if self.verify == "each":
+                error = verify_model(module.to_proto(), strict=self._strict)
                 if error is not None:
                     reproducer = self._write_reproducer([*done, pass_.describe()])
                     raise VerificationError(
@@ -415,6 +412,28 @@ class PassManager:
         if ctx.hook is not None:
             ctx.hook.dsopt_after_pass(pass_=pass_, module=module, ctx=ctx, record=record)
         return record
+
+    def _check_input(self, module: Module) -> None:
+        """Refuses an input that fails onnx.checker.
+
+        An input that passes the checker but not strict shape inference is accepted, and later
+        verification then uses the checker only.
+        """
+        model = self._input or module.to_proto()
+        error = verify_model(model, strict=False)
+        if error is not None:
+            where = f"{module.source}: " if module.source else ""
+            raise ModelError(
+                f"{where}the input is not a valid ONNX model: {error}",
+                hint="fix the model (or its exporter); --verify off optimizes it unchecked",
+            )
+        strict_error = verify_model(model)
+        if strict_error is not None:
+            self._strict = False
+            logger.warning(
+                "the input fails strict shape inference (%s); verifying with the checker only",
+                strict_error,
+            )
 
     def _write_reproducer(self, passes: Sequence[str]) -> Path:
         base = self.crash_dir or Path(os.environ.get("DSOPT_CRASH_DIR", tempfile.gettempdir()))

@@ -7,9 +7,9 @@ import importlib
 import importlib.metadata
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -21,6 +21,7 @@ from dsopt.pass_infra import Pass
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PassRegistry", "PluginHost", "TargetRegistry"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Built-in plugins, registered exactly like third-party ones (pytest's default_plugins).
 DEFAULT_PLUGINS = ("dsopt.passes", "dsopt.targets", "dsopt.instruments")
@@ -237,30 +238,21 @@ class PluginHost:
                         f"plugin '{name}' failed in {hook_name}: {type(e).__name__}: {e}"
                     ) from e
 
-    def missing_hint(self) -> str | None:
-        """A hint naming failed plugins, for 'unknown pass/target' errors."""
-        if not self.failed:
-            return None
-        return "; ".join(self.failed.values())
-
     def get_pass(self, name: str) -> type[Pass]:
         """The pass class `name`, mentioning failed plugins when it is unknown."""
-        try:
-            return self.passes.get(name)
-        except UsageError as e:
-            hint = self.missing_hint()
-            if hint:
-                raise PluginError(f"{e.message}; a plugin failed to load: {hint}") from None
-            raise
+        return self._lookup(self.passes.get, name)
 
     def get_target(self, name: str) -> Target:
         """The target `name`, mentioning failed plugins when it is unknown."""
+        return self._lookup(self.targets.get, name)
+
+    def _lookup(self, get: Callable[[str], T], name: str) -> T:
         try:
-            return self.targets.get(name)
+            return get(name)
         except UsageError as e:
-            hint = self.missing_hint()
-            if hint:
-                raise PluginError(f"{e.message}; a plugin failed to load: {hint}") from None
+            if self.failed:
+                failed = "; ".join(self.failed.values())
+                raise PluginError(f"{e.message}; a plugin failed to load: {failed}") from None
             raise
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -43,6 +44,8 @@ __all__ = [
     "apply_rules",
     "explain",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Safety net against rules that keep re-matching their own output.
 _MAX_SWEEPS = 64
@@ -318,6 +321,14 @@ def apply_rules(
         for _ in range(_MAX_SWEEPS):
             if not _sweep(graph, by_root, facts, fired, skipped, tracer):
                 break
+        else:
+            logger.warning(
+                "rules %s still fire after %d sweeps of graph '%s'; a rule may re-create "
+                "its own pattern",
+                ", ".join(r.name for r in rules),
+                _MAX_SWEEPS,
+                graph.name,
+            )
     stats: dict[str, int | float | str] = {rule.name: fired[rule.name] for rule in rules}
     for rule in rules:
         for stat in rule.stats:

@@ -131,3 +131,12 @@ def test_extra_plugin_by_module_name(tmp_path, monkeypatch):
     with pytest.raises(PluginError, match="'no_such_plugin_module' \\(-p\\) failed to import"):
         PluginHost(extra=["no_such_plugin_module"], autoload=False)
     sys.modules.pop("my_dsopt_plugin", None)
+
+
+def test_builtins_are_declared_in_the_entry_point_group_too():
+    declared = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="dsopt")}
+    for name in DEFAULT_PLUGINS:
+        assert declared.get(name) == name
+    host = PluginHost()  # autoload on: each built-in is registered once, not twice
+    names = host.plugin_names()
+    assert all(names.count(name) == 1 for name in DEFAULT_PLUGINS)
