@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
 
+    p = sub.add_parser("explain", help="say why the rules of a fusion pass did not fire")
+    p.add_argument("model")
+    p.add_argument("pass_name", metavar="PASS", help="a rule-based pass, e.g. fuse-batch-norm")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
     p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime")
     p.add_argument("original")
     p.add_argument("candidate")
@@ -463,6 +469,28 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from dsopt.ir import Module
+    from dsopt.rewrite import RulePass, explain
+
+    pass_class = _host(args).get_pass(args.pass_name)
+    if not issubclass(pass_class, RulePass):
+        raise UsageError(
+            f"pass '{args.pass_name}' is not made of rewrite rules; nothing to explain",
+            hint="explain works for the fusion passes (`dsopt passes`, stage 'fuse')",
+        )
+    reasons = explain(Module.load(args.model), pass_class())
+    if args.json:
+        print(json.dumps(reasons, indent=2))
+        return ExitCode.OK
+    console = _console()
+    for rule, why in reasons.items():
+        console.print(f"[bold]{rule}[/bold]: " + ("no failed matches" if not why else ""))
+        for reason in why[:10]:
+            console.print(f"  - {reason}")
+    return ExitCode.OK
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from dsopt import numerics
     from dsopt.ir import load
@@ -524,4 +552,5 @@ _COMMANDS = {
     "targets": _cmd_targets,
     "inspect": _cmd_inspect,
     "verify": _cmd_verify,
+    "explain": _cmd_explain,
 }

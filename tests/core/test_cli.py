@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.parser
 import pytest
 
 from dsopt.cli import main
@@ -186,3 +187,21 @@ def test_inspect_with_fixed_shape_counts_flops(capsys):
     assert data["macs"] >= 8 * 27 * 32 * 32 + 16 * 72 * 16 * 16 + 160
     assert main(["inspect", str(EXAMPLE), "--shape", "nope=1"]) == 2
     assert "no input 'nope'" in _one_error_line(capsys.readouterr().err)
+
+
+def test_explain_says_why_rules_did_not_fire(tmp_path, capsys):
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x, float[4, 3] w) => (float[2, 3] y, float[2, 3] t)
+          <float[3] b = {1.0, 2.0, 3.0}> {
+          t = MatMul (x, w)
+          y = Add (t, b)
+        }"""
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, path)
+    assert main(["explain", str(path), "fuse-matmul-add", "--json"]) == 0
+    reasons = json.loads(capsys.readouterr().out)["matmul-add"]
+    assert any("graph output" in r or "not constant" in r for r in reasons), reasons
+    assert main(["explain", str(path), "eliminate-dead"]) == 2
+    assert "not made of rewrite rules" in _one_error_line(capsys.readouterr().err)
