@@ -13,9 +13,12 @@ from dsopt.passes.eliminate_dead import EliminateDead
 from dsopt.passes.eliminate_noops import EliminateNoops
 from dsopt.passes.fold_bias_add import FoldBiasAdd
 from dsopt.passes.fold_constants import FoldConstants
+from dsopt.passes.fold_pad import FoldPad
+from dsopt.passes.fuse_activations import FuseActivations
 from dsopt.passes.fuse_batch_norm import FuseBatchNorm
 from dsopt.passes.fuse_matmul_add import FuseMatmulAdd
 from dsopt.passes.inline_constants import InlineConstants
+from dsopt.passes.merge_layout_chains import MergeLayoutChains
 from dsopt.passes.simplify_shapes import SimplifyShapes
 from dsopt.plugin import PassRegistry
 
@@ -29,6 +32,9 @@ BUILTIN_PASSES = (
     FuseBatchNorm,
     FoldBiasAdd,
     FuseMatmulAdd,
+    FuseActivations,
+    MergeLayoutChains,
+    FoldPad,
 )
 
 
