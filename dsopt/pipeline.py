@@ -29,7 +29,7 @@ STAGES = ("canonicalize", "fuse", "qdq", "quantize", "precision", "attention", "
 #: Lossless allows `reassoc` fusions: exact up to float re-association.
 DEFAULT_PIPELINE = (
     "inline-constants,eliminate-noops,simplify-shapes,fold-constants,"
-    "fuse-batch-norm,fold-bias-add,fuse-matmul-add,fuse-activations,merge-layout-chains,fold-pad,"
+    "fuse-batch-norm,fold-bias-add,fold-conv-scale,fuse-matmul-add,fuse-activations,merge-layout-chains,fold-pad,"
     "eliminate-common-subexpressions,eliminate-dead"
 )
 

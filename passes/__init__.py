@@ -13,6 +13,7 @@ from dsopt.passes.eliminate_dead import EliminateDead
 from dsopt.passes.eliminate_noops import EliminateNoops
 from dsopt.passes.fold_bias_add import FoldBiasAdd
 from dsopt.passes.fold_constants import FoldConstants
+from dsopt.passes.fold_conv_scale import FoldConvScale
 from dsopt.passes.fold_pad import FoldPad
 from dsopt.passes.fuse_activations import FuseActivations
 from dsopt.passes.fuse_batch_norm import FuseBatchNorm
@@ -31,6 +32,7 @@ BUILTIN_PASSES = (
     EliminateDead,
     FuseBatchNorm,
     FoldBiasAdd,
+    FoldConvScale,
     FuseMatmulAdd,
     FuseActivations,
     MergeLayoutChains,
