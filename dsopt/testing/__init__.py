@@ -13,7 +13,7 @@ from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult, verify_model
 from dsopt.pattern import topological_order
 
-__all__ = ["PROPERTY_EXAMPLES", "TOLERANCES", "apply_pass", "check_pass"]
+__all__ = ["PROPERTY_EXAMPLES", "TOLERANCES", "apply_pass", "check_pass", "fired", "op_types"]
 
 #: Examples per property test in the default CI run (at least 200); raise it for long runs.
 PROPERTY_EXAMPLES = int(os.environ.get("DSOPT_PROPERTY_EXAMPLES", "200"))
@@ -72,3 +72,13 @@ def check_pass(
         _, again = apply_pass(pass_, rewritten, None)
         assert not again.changed, f"{pass_.name} is not idempotent: second run {again.stats}"
     return rewritten, result
+
+
+def op_types(graph: onnx.GraphProto) -> list[str]:
+    """The op types of `graph`'s nodes, in order (for asserting what a pass left)."""
+    return [node.op_type for node in graph.node]
+
+
+def fired(stats: Mapping[str, int | float | str]) -> dict[str, int | float | str]:
+    """The statistics of a PassResult that are non-zero (the rules that fired)."""
+    return {name: value for name, value in stats.items() if value}

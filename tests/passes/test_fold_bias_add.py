@@ -9,7 +9,7 @@ from dsopt.ir import Module
 from dsopt.passes import FoldBiasAdd
 from dsopt.passes.fold_bias_add import RULES
 from dsopt.rewrite import explain
-from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, strategies
+from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, fired, op_types, strategies
 from dsopt.testing.golden import golden_cases, run_golden
 
 GOLDEN = golden_cases(__file__.rsplit("/tests/", 1)[0] + "/tests/golden/fold-bias-add")
@@ -19,14 +19,6 @@ W = "float[3, 2, 1, 1] w = {1.0, -1.0, 0.5, 2.0, -0.5, 1.5}"
 
 def parse(text: str, header: str = HEADER) -> onnx.ModelProto:
     return onnx.parser.parse_model(header + text.replace("WEIGHT", W))
-
-
-def ops(graph: onnx.GraphProto) -> list[str]:
-    return [n.op_type for n in graph.node]
-
-
-def fired(stats) -> dict[str, int]:
-    return {k: v for k, v in stats.items() if v}
 
 
 @pytest.mark.parametrize("case", GOLDEN, ids=lambda p: p.name.split(".")[0])
@@ -48,7 +40,7 @@ def test_golden_stats(case, expected, after):
     path = next(p for p in GOLDEN if p.name.startswith(case + "."))
     rewritten, result = apply_pass(FoldBiasAdd(), onnx.parser.parse_model(path.read_text()))
     assert fired(result.stats) == expected
-    assert ops(rewritten.graph) == after
+    assert op_types(rewritten.graph) == after
 
 
 def test_stats_list_every_rule():
@@ -155,5 +147,5 @@ _FUSABLE = st.one_of(
 def test_property(model):
     rewritten, result = check_pass(FoldBiasAdd(), model)
     count = sum(result.stats.values())
-    assert ops(rewritten.graph).count("Add") == ops(model.graph).count("Add") - count
+    assert op_types(rewritten.graph).count("Add") == op_types(model.graph).count("Add") - count
     assert [o.name for o in rewritten.graph.output] == [o.name for o in model.graph.output]

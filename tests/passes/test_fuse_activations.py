@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dsopt.ir import Module
 from dsopt.passes.fuse_activations import RULES, FuseActivations
 from dsopt.rewrite import explain
-from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, strategies
+from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, fired, op_types, strategies
 from dsopt.testing.golden import golden_cases, run_golden
 
 GOLDEN = golden_cases(__file__.rsplit("/tests/", 1)[0] + "/tests/golden/fuse-activations")
@@ -185,14 +185,6 @@ def form_model(form: str, opset: int | None = None, extra_outputs=()) -> onnx.Mo
     )
 
 
-def ops(graph: onnx.GraphProto) -> list[str]:
-    return [n.op_type for n in graph.node]
-
-
-def fired(stats) -> dict[str, int]:
-    return {k: v for k, v in stats.items() if v}
-
-
 def feeds(scale: float = 4.0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {"x": (rng.standard_normal((8, 4)) * scale).astype(np.float32)}
@@ -221,7 +213,7 @@ def test_each_form_fuses_to_one_op(form):
     rule = FORMS[form][0]
     rewritten, result = check_pass(FuseActivations(), form_model(form), feeds=feeds())
     assert fired(result.stats) == {rule: 1}
-    assert ops(rewritten.graph) == [EXPECTED_OP[rule]]
+    assert op_types(rewritten.graph) == [EXPECTED_OP[rule]]
     node = rewritten.graph.node[0]
     assert list(node.input) == ["x"] and list(node.output) == ["y"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -239,7 +231,7 @@ def test_input_with_many_readers_still_fuses():
     )
     rewritten, result = check_pass(FuseActivations(), model, feeds=feeds())
     assert fired(result.stats) == {"gelu-erf": 1}
-    assert sorted(ops(rewritten.graph)) == ["Gelu", "Relu"]
+    assert sorted(op_types(rewritten.graph)) == ["Gelu", "Relu"]
 
 
 def test_hard_sigmoid_clip_attributes_before_opset_11():
@@ -253,7 +245,7 @@ def test_hard_sigmoid_clip_attributes_before_opset_11():
         del FORMS["clip10"]
     rewritten, result = check_pass(FuseActivations(), model, feeds=feeds())
     assert fired(result.stats) == {"hard-sigmoid": 1}
-    assert ops(rewritten.graph) == ["HardSigmoid"]
+    assert op_types(rewritten.graph) == ["HardSigmoid"]
 
 
 def test_hard_swish_before_opset_14_keeps_the_multiply():
@@ -262,7 +254,7 @@ def test_hard_swish_before_opset_14_keeps_the_multiply():
         FuseActivations(), form_model("hard-swish-inner-div", opset=13), feeds=feeds()
     )
     assert fired(result.stats) == {"hard-sigmoid": 1}
-    assert ops(rewritten.graph) == ["HardSigmoid", "Mul"]
+    assert op_types(rewritten.graph) == ["HardSigmoid", "Mul"]
 
 
 def with_constant(form: str, old: float, new: float) -> onnx.ModelProto:

@@ -10,7 +10,7 @@ from dsopt.ir import Module
 from dsopt.passes import FuseBatchNorm
 from dsopt.passes.fuse_batch_norm import RULES
 from dsopt.rewrite import explain
-from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, strategies
+from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, fired, op_types, strategies
 from dsopt.testing.golden import golden_cases, run_golden
 
 GOLDEN = golden_cases(__file__.rsplit("/tests/", 1)[0] + "/tests/golden/fuse-batch-norm")
@@ -21,14 +21,6 @@ BN_PARAMS = """float[3] s = {1.0, 2.0, 0.5}, float[3] sh = {0.0, 0.1, -0.2},
 
 def parse(text: str, header: str = HEADER) -> onnx.ModelProto:
     return onnx.parser.parse_model(header + text.replace("BN_PARAMS", BN_PARAMS))
-
-
-def ops(graph: onnx.GraphProto) -> list[str]:
-    return [n.op_type for n in graph.node]
-
-
-def fired(stats) -> dict[str, int]:
-    return {k: v for k, v in stats.items() if v}
 
 
 def golden(name: str):
@@ -59,7 +51,7 @@ def test_golden_stats(case, expected, after):
     model = onnx.parser.parse_model(golden(case).read_text())
     rewritten, result = apply_pass(FuseBatchNorm(), model)
     assert fired(result.stats) == expected
-    assert ops(rewritten.graph) == after
+    assert op_types(rewritten.graph) == after
     assert result.changed == any(result.stats[r.name] for r in RULES)
 
 
@@ -81,7 +73,7 @@ def test_conv_with_bias_and_constant_node_params():
     }""")
     rewritten, result = check_pass(FuseBatchNorm(), model)
     assert fired(result.stats) == {"conv-bn": 1}
-    assert ops(rewritten.graph) == ["Conv"]  # the orphaned Constant node goes too
+    assert op_types(rewritten.graph) == ["Conv"]  # the orphaned Constant node goes too
 
 
 def test_chain_of_two_is_fused_to_a_fixed_point():
@@ -95,7 +87,7 @@ def test_chain_of_two_is_fused_to_a_fixed_point():
     }""")
     rewritten, result = check_pass(FuseBatchNorm(), model)
     assert fired(result.stats) == {"gemm-bn": 2}
-    assert ops(rewritten.graph) == ["Gemm", "Gemm"]
+    assert op_types(rewritten.graph) == ["Gemm", "Gemm"]
 
 
 def test_fusion_inside_if_branch():
@@ -113,7 +105,7 @@ def test_fusion_inside_if_branch():
     rewritten, result = check_pass(FuseBatchNorm(), model, feeds=feeds)
     assert fired(result.stats) == {"matmul-bn": 1}
     then_g = rewritten.graph.node[0].attribute[0].g
-    assert ops(then_g) == ["Gemm"] and then_g.node[0].output[0] == "p"
+    assert op_types(then_g) == ["Gemm"] and then_g.node[0].output[0] == "p"
 
 
 NEAR_MISSES = {
@@ -231,7 +223,7 @@ _FUSABLE = st.one_of(
 def test_property(model):
     rewritten, result = check_pass(FuseBatchNorm(), model)
     count = sum(result.stats[r.name] for r in RULES)
-    bn_before = ops(model.graph).count("BatchNormalization")
-    assert ops(rewritten.graph).count("BatchNormalization") == bn_before - count
+    bn_before = op_types(model.graph).count("BatchNormalization")
+    assert op_types(rewritten.graph).count("BatchNormalization") == bn_before - count
     assert len(rewritten.graph.node) <= len(model.graph.node) - count
     assert [o.name for o in rewritten.graph.output] == [o.name for o in model.graph.output]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from dsopt.ir import Module
 from dsopt.passes import FuseMatmulAdd
 from dsopt.rewrite import explain
-from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, strategies
+from dsopt.testing import PROPERTY_EXAMPLES, apply_pass, check_pass, fired, op_types, strategies
 from dsopt.testing.golden import golden_cases, run_golden
 
 GOLDEN = golden_cases(__file__.rsplit("/tests/", 1)[0] + "/tests/golden/fuse-matmul-add")
@@ -19,14 +19,6 @@ W = "float[2, 3] w = {1.0, -1.0, 0.5, 2.0, -0.5, 1.5}"
 
 def parse(text: str, header: str = HEADER) -> onnx.ModelProto:
     return onnx.parser.parse_model(header + text.replace("WEIGHT", W))
-
-
-def ops(graph: onnx.GraphProto) -> list[str]:
-    return [n.op_type for n in graph.node]
-
-
-def fired(stats) -> dict[str, int]:
-    return {k: v for k, v in stats.items() if v}
 
 
 @pytest.mark.parametrize("case", GOLDEN, ids=lambda p: p.name.split(".")[0])
@@ -47,7 +39,7 @@ def test_golden_stats(case, expected, after):
     path = next(p for p in GOLDEN if p.name.startswith(case + "."))
     rewritten, result = apply_pass(FuseMatmulAdd(), onnx.parser.parse_model(path.read_text()))
     assert fired(result.stats) == expected
-    assert ops(rewritten.graph) == after
+    assert op_types(rewritten.graph) == after
 
 
 def test_stats_names():
@@ -136,6 +128,8 @@ _FUSABLE = st.one_of(
 def test_property(model):
     rewritten, result = check_pass(FuseMatmulAdd(), model)
     count = result.stats["matmul-add"]
-    assert ops(rewritten.graph).count("Gemm") == ops(model.graph).count("Gemm") + count
-    assert ops(rewritten.graph).count("MatMul") == ops(model.graph).count("MatMul") - count
+    assert op_types(rewritten.graph).count("Gemm") == op_types(model.graph).count("Gemm") + count
+    assert (
+        op_types(rewritten.graph).count("MatMul") == op_types(model.graph).count("MatMul") - count
+    )
     assert [o.name for o in rewritten.graph.output] == [o.name for o in model.graph.output]
