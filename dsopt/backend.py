@@ -41,7 +41,10 @@ class Target:
         tvm: TVM target config in dict form (None for non-TVM targets).
         pipeline: Default pass pipeline text for this target.
         precisions: Precisions the target runs, with relative cost (lower is faster).
-        fused_ops: Non-standard ops (`domain::Op`) its runtime can execute.
+        fused_ops: Non-standard ops (`domain::Op`, e.g. `com.microsoft::FusedConv`) its runtime
+            executes; fusions into such ops fire only for targets that declare them.
+        opset: The newest default-domain opset its runtime executes; `upgrade-opset` may raise a
+            model's opset up to it when a standard fused op needs that (None: never upgrade).
         allow_lossy: Whether lossy passes may join its default pipeline.
         lower: Writes the deployable files; defaults to writing `model.onnx`.
     """
@@ -53,5 +56,6 @@ class Target:
     pipeline: str = "default"
     precisions: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"float32": 1.0})
     fused_ops: frozenset[str] = frozenset()
+    opset: int | None = None
     allow_lossy: bool = False
     lower: Lowering = write_onnx

@@ -142,7 +142,14 @@ def optimize(
     global_options.update(options or {})
     if shapes:
         global_options["shapes"] = {k: list(v) for k, v in shapes.items()}
-    ctx = PassContext(target=target, options=global_options, hook=host.hook)
+    target_obj = host.get_target(target) if target else None
+    ctx = PassContext(
+        target=target_obj.name if target_obj else None,
+        options=global_options,
+        hook=host.hook,
+        fused_ops=target_obj.fused_ops if target_obj else frozenset(),
+        max_opset=target_obj.opset if target_obj else None,
+    )
     manager = PassManager(instances, verify=verify, rounds=pipeline.rounds)  # type: ignore[arg-type]
     report = manager.run(module, ctx)
     result = OptimizeResult(module=module, report=report, pipeline=str(pipeline))

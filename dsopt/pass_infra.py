@@ -155,6 +155,8 @@ class PassContext:
         options: Global options (`shapes`, `allow_lossy`, ...).
         calibration: Calibration feeds for lossy passes, if any.
         hook: The plugin hook relay (`pm.hook`), for instruments; None runs without plugins.
+        fused_ops: Non-standard ops (`domain::Op`) the target executes; empty without a target.
+        max_opset: The newest default-domain opset the target executes (None: keep the model's).
     """
 
     target: str | None = None
@@ -163,6 +165,12 @@ class PassContext:
     hook: Any = None
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logger)
     analyses: AnalysisManager | None = None
+    fused_ops: frozenset[str] = frozenset()
+    max_opset: int | None = None
+
+    def supports(self, *ops: str) -> bool:
+        """Whether the target executes every non-standard op in `ops` (`domain::Op`)."""
+        return all(op in self.fused_ops for op in ops)
 
 
 @dataclasses.dataclass

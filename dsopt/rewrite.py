@@ -213,6 +213,7 @@ class Match:
         attrs: dict[str, Any] | None = None,
         *,
         name: str | None = None,
+        domain: str | None = None,
     ) -> gs.Node:
         """A node writing the chain's final tensor, named after the root by default."""
         return gs.Node(
@@ -221,6 +222,7 @@ class Match:
             attrs=dict(attrs or {}),
             inputs=list(inputs),
             outputs=[self.output],
+            domain=domain,
         )
 
 
@@ -228,8 +230,11 @@ class Rule:
     """A rewrite rule: a chain `pattern`, a `check` that explains failures, a `rewrite`.
 
     Subclasses set `name` (kebab-case; the statistic counting fires), `pattern` (a tuple of
-    `Op`, root first) and optionally `stats` (failure statistics their checks may count), and
-    implement `check` and `rewrite`. `check` never raises and never mutates; it returns
+    `Op`, root first) and optionally `stats` (failure statistics their checks may count),
+    `requires` (non-standard ops it emits, `domain::Op`: the rule runs only for targets that
+    declare them all) and `min_opset` (the default-domain opset its replacement needs; the
+    kit refuses matches below it, and `upgrade-opset` reads it), and implement `check` and
+    `rewrite`. `check` never raises and never mutates; it returns
     `match.fail("reason")` or `match.ok()`. `rewrite` returns the replacement nodes, which
     must write `match.output`; the kit removes the matched nodes.
     """
@@ -237,6 +242,8 @@ class Rule:
     name: ClassVar[str] = ""
     pattern: ClassVar[tuple[Op, ...]] = ()
     stats: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    min_opset: ClassVar[int] = 1
 
     def check(self, match: Match) -> MatchResult:
         """Whether `match` can be rewritten; a failure carries the reason."""
@@ -306,6 +313,7 @@ def apply_rules(
     """Applies `rules` to every graph of `module`, sweeping in topological order until none fires.
 
     Rules are tried in order at each node; the first that fires wins and the sweep moves on.
+    Rules whose `requires` the target (`ctx.fused_ops`) does not declare are left out.
     """
     analyses = ctx.analyses if ctx.analyses is not None else AnalysisManager(module)
     facts = _Facts(module, analyses)
@@ -313,6 +321,8 @@ def apply_rules(
     for rule in rules:
         if not rule.name or len(rule.pattern) < 1:
             raise TypeError(f"Pass developer: rule {rule!r} needs a name and a pattern")
+        if not ctx.supports(*rule.requires):
+            continue
         for op in rule.pattern[0].types:
             by_root[op].append(rule)
     fired: collections.Counter[str] = collections.Counter()
@@ -380,6 +390,8 @@ def _match(
     """Follows `rule.pattern` from `root`, enforcing the kit's guard rails."""
     if (root.domain or "") not in _DEFAULT_DOMAINS:
         return MatchResult.fail(f"domain '{root.domain}' is not ai.onnx", depth=0)
+    if facts.opset < rule.min_opset:
+        return MatchResult.fail(f"needs opset {rule.min_opset} (model: {facts.opset})", depth=0)
     nodes = [root]
     for op in rule.pattern[1:]:
         depth = len(nodes)
@@ -463,14 +475,17 @@ def _replace(match: Match, new_nodes: Sequence[gs.Node], members: set[int]) -> N
     graph.nodes = [n for n in rebuilt if id(n) not in orphans]
 
 
-def explain(module: Module, pass_: RulePass) -> dict[str, list[str]]:
+def explain(
+    module: Module, pass_: RulePass, ctx: PassContext | None = None
+) -> dict[str, list[str]]:
     """Why each rule of `pass_` did not fire on `module`: reasons per rule, best first.
 
     Runs the pass on a clone (the module is left alone), so reasons reflect matches that
     earlier fusions enabled too. A rule that fired everywhere it matched has an empty list.
+    `ctx` carries the target's capabilities (default: target-independent).
     """
     twin = module.clone()
-    ctx = PassContext()
+    ctx = dataclasses.replace(ctx) if ctx is not None else PassContext()
     ctx.analyses = AnalysisManager(twin)
     tracer = MatchTracer()
     apply_rules(pass_.rules, twin, ctx, tracer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
@@ -69,7 +70,7 @@ def check_pass(
     report = numerics.check_equivalence(model, rewritten, inputs=[inputs], rtol=rtol, atol=atol)
     assert report.ok, f"{pass_.name} changed the outputs: {report.to_dict()}"
     if idempotent:
-        _, again = apply_pass(pass_, rewritten, None)
+        _, again = apply_pass(pass_, rewritten, dataclasses.replace(ctx) if ctx else None)
         assert not again.changed, f"{pass_.name} is not idempotent: second run {again.stats}"
     return rewritten, result
 
