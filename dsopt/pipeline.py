@@ -28,7 +28,7 @@ STAGES = ("canonicalize", "fuse", "qdq", "quantize", "precision", "attention", "
 #: The default lossless pipeline; the pass manager repeats it while anything changes.
 #: Lossless allows `reassoc` fusions: exact up to float re-association.
 DEFAULT_PIPELINE = (
-    "inline-constants,eliminate-noops,simplify-shapes,fold-constants,"
+    "inline-constants,eliminate-noops,simplify-shapes,fold-constants,upgrade-opset,"
     "fuse-batch-norm,fold-bias-add,fold-conv-scale,fuse-matmul-add,fuse-activations,merge-layout-chains,fold-pad,"
     "eliminate-common-subexpressions,eliminate-dead"
 )

@@ -21,6 +21,7 @@ from dsopt.passes.fuse_matmul_add import FuseMatmulAdd
 from dsopt.passes.inline_constants import InlineConstants
 from dsopt.passes.merge_layout_chains import MergeLayoutChains
 from dsopt.passes.simplify_shapes import SimplifyShapes
+from dsopt.passes.upgrade_opset import UpgradeOpset
 from dsopt.plugin import PassRegistry
 
 BUILTIN_PASSES = (
@@ -28,6 +29,7 @@ BUILTIN_PASSES = (
     EliminateNoops,
     SimplifyShapes,
     FoldConstants,
+    UpgradeOpset,
     EliminateCommonSubexpressions,
     EliminateDead,
     FuseBatchNorm,
