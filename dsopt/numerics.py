@@ -190,7 +190,8 @@ def random_inputs(
     Values: floating types (float16/32/64, bfloat16, float8) are standard normal; complex types
     have standard normal real and imaginary parts; integers are uniform in [0, 4), because integer
     inputs are mostly indices, ids, lengths or axes and small non-negative values keep them valid
-    for typical models; bools are fair coin flips.
+    for typical models (below a constant table's size when they index one through Gather, and
+    0/1 for inputs named `*mask`); bools are fair coin flips.
 
     Args:
         model: The model whose inputs to fill, as a ModelProto or path.
@@ -228,6 +229,7 @@ def random_inputs(
                     bindings.setdefault(declared, given)
 
     rng = np.random.default_rng(seed)
+    bounds = _index_bounds(proto)
     feeds: Feeds = {}
     for spec in specs:
         if spec.kind != "tensor_type":
@@ -252,8 +254,48 @@ def random_inputs(
                     shape.append(bindings.setdefault(declared, default_dim))
                 else:
                     shape.append(default_dim)
-        feeds[spec.name] = _random_array(rng, spec, shape)
+        feeds[spec.name] = _random_array(rng, spec, shape, bounds.get(spec.name, _INT_HIGH))
     return feeds
+
+
+#: Ops that pass integer indices through unchanged on the way to a Gather.
+_INDEX_PASSTHROUGH = frozenset(
+    {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
+)
+
+
+def _index_bounds(proto: onnx.ModelProto) -> dict[str, int]:
+    """Integer inputs that index a constant table (Gather, maybe via Cast/Reshape/...): bounds.
+
+    An input named `*mask` gets bound 2 too: masks are 0/1 (random 0-3 values in an additive
+    attention mask overflow to inf).
+    """
+    graph = proto.graph
+    tables = {t.name: list(t.dims) for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    bounds: dict[str, int] = {}
+    for graph_input in graph.input:
+        if graph_input.name.lower().endswith("mask"):
+            bounds[graph_input.name] = 2
+        frontier, seen = [graph_input.name], set()
+        while frontier:
+            name = frontier.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for node in readers.get(name, ()):
+                if node.op_type in _INDEX_PASSTHROUGH and node.input[0] == name:
+                    frontier.extend(node.output)
+                elif node.op_type == "Gather" and node.input[1:2] == [name]:
+                    dims = tables.get(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+                        limit = min(bounds.get(graph_input.name, _INT_HIGH), int(dims[axis]))
+                        bounds[graph_input.name] = limit
+    return bounds
 
 
 def _check_shape_against(spec: _InputSpec, dims: Sequence[int], what: str) -> None:
@@ -273,7 +315,9 @@ def _check_shape_against(spec: _InputSpec, dims: Sequence[int], what: str) -> No
             )
 
 
-def _random_array(rng: np.random.Generator, spec: _InputSpec, shape: Sequence[int]) -> Array:
+def _random_array(
+    rng: np.random.Generator, spec: _InputSpec, shape: Sequence[int], int_high: int = 4
+) -> Array:
     type_name = str(onnx.TensorProto.DataType.Name(spec.elem_type)) if spec.elem_type else ""
     if type_name in ("", "UNDEFINED"):
         raise UsageError(
@@ -296,7 +340,7 @@ def _random_array(rng: np.random.Generator, spec: _InputSpec, shape: Sequence[in
     if type_name.startswith(("FLOAT", "BFLOAT")) or type_name == "DOUBLE":
         return np.asarray(rng.standard_normal(size)).astype(dtype)
     if type_name.startswith(("INT", "UINT")):
-        return rng.integers(0, _INT_HIGH, size=size).astype(dtype)
+        return rng.integers(0, int_high, size=size).astype(dtype)
     raise UsageError(
         f"input '{spec.name}' has element type {type_name.lower()}, for which random values are "
         "not made",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -543,3 +544,21 @@ def test_run_model_refuses_in_memory_model_with_external_data(tmp_path: Path) ->
     # Through its path the external data resolves.
     outputs = run_model(os.fspath(tmp_path / "m.onnx"), {"x": np.zeros((1, 4), np.float32)})
     np.testing.assert_array_equal(outputs["y"], np.full((1, 4), 2.0, np.float32))
+
+
+def test_random_integer_inputs_stay_inside_the_table_they_index():
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1, 64] ids, int64[1, 64] attention_mask) => (float[1, 64, 3] y)
+          <float[2, 3] table = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}, int64[1] axes = {2}> {
+          c = Cast <to = 7> (ids)
+          e = Gather (table, c)
+          m = Cast <to = 1> (attention_mask)
+          u = Unsqueeze (m, axes)
+          y = Mul (e, u)
+        }"""
+    )
+    feeds = numerics.random_inputs(model, seed=3)
+    assert set(np.unique(feeds["ids"])) == {0, 1}
+    assert set(np.unique(feeds["attention_mask"])) <= {0, 1}
+    numerics.run_model(model, feeds)
