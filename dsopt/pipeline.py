@@ -29,7 +29,8 @@ STAGES = ("canonicalize", "fuse", "qdq", "quantize", "precision", "attention", "
 #: Lossless allows `reassoc` fusions: exact up to float re-association.
 DEFAULT_PIPELINE = (
     "inline-constants,eliminate-noops,simplify-shapes,fold-constants,upgrade-opset,"
-    "fuse-batch-norm,fold-bias-add,fold-conv-scale,fuse-matmul-add,fuse-activations,merge-layout-chains,fold-pad,"
+    "fuse-batch-norm,fold-bias-add,fold-conv-scale,fuse-matmul-add,fuse-activations,"
+    "fuse-layer-norm,fuse-attention,merge-layout-chains,fold-pad,fuse-contrib-ops,"
     "eliminate-common-subexpressions,eliminate-dead"
 )
 

@@ -16,7 +16,10 @@ from dsopt.passes.fold_constants import FoldConstants
 from dsopt.passes.fold_conv_scale import FoldConvScale
 from dsopt.passes.fold_pad import FoldPad
 from dsopt.passes.fuse_activations import FuseActivations
+from dsopt.passes.fuse_attention import FuseAttention
 from dsopt.passes.fuse_batch_norm import FuseBatchNorm
+from dsopt.passes.fuse_contrib_ops import FuseContribOps
+from dsopt.passes.fuse_layer_norm import FuseLayerNorm
 from dsopt.passes.fuse_matmul_add import FuseMatmulAdd
 from dsopt.passes.inline_constants import InlineConstants
 from dsopt.passes.merge_layout_chains import MergeLayoutChains
@@ -37,8 +40,11 @@ BUILTIN_PASSES = (
     FoldConvScale,
     FuseMatmulAdd,
     FuseActivations,
+    FuseLayerNorm,
+    FuseAttention,
     MergeLayoutChains,
     FoldPad,
+    FuseContribOps,
 )
 
 
