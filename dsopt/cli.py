@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_options(p)
     _common(p)
 
+    p = sub.add_parser("run", help="run a compiled OUTDIR on inputs and write its outputs")
+    p.add_argument("outdir", help="a folder written by `dsopt compile`")
+    p.add_argument("--inputs", required=True, help="an .npz with one array per input name")
+    p.add_argument("-o", "--output", required=True, help="where to write the outputs (.npz)")
+    _common(p)
+
     p = sub.add_parser("passes", help="list passes with summaries and options")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="say why the rules of a fusion pass did not fire")
     p.add_argument("model")
     p.add_argument("pass_name", metavar="PASS", help="a rule-based pass, e.g. fuse-batch-norm")
+    p.add_argument("--target", help="target whose fused ops and opset apply (default: none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
 
@@ -376,6 +383,43 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         )
         if not equivalence["ok"]:
             return ExitCode.CHECK_FAILED
+    library_check = result.report.get("library_check")
+    if library_check is not None:
+        if library_check.get("ok"):
+            worst = max((o["max_abs_error"] for o in library_check["outputs"]), default=0.0)
+            console.print(f" library: ok vs onnxruntime (max abs error {worst:.3g})")
+        else:
+            console.print(f" library: not run here ({library_check.get('skipped')})")
+    return ExitCode.OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dsopt import numerics
+
+    outdir = Path(args.outdir)
+    manifest_path = outdir / "manifest.json"
+    if not manifest_path.is_file():
+        raise UsageError(f"{outdir} holds no manifest.json; give a folder `dsopt compile` wrote")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{manifest_path}: unreadable manifest ({e})") from e
+    from dsopt.driver import verify_manifest
+
+    verify_manifest(outdir, manifest)
+    target = _host(args).get_target(manifest.get("target", "?"))
+    model = next((outdir / a["path"] for a in manifest["artifacts"] if a["role"] == "model"), None)
+    feeds = numerics.load_inputs(args.inputs, str(model) if model else None)
+    if len(feeds) != 1:
+        raise UsageError(f"--inputs {args.inputs}: give one sample (an .npz), not {len(feeds)}")
+    outputs = target.run(outdir, manifest, feeds[0])
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("wb") as f:
+        np.savez(f, **{name: np.asarray(value) for name, value in outputs.items()})
+    _console().print(f"wrote {output} ({', '.join(outputs)})")
     return ExitCode.OK
 
 
@@ -471,15 +515,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from dsopt.ir import Module
+    from dsopt.pass_infra import PassContext
     from dsopt.rewrite import RulePass, explain
 
-    pass_class = _host(args).get_pass(args.pass_name)
+    host = _host(args)
+    pass_class = host.get_pass(args.pass_name)
     if not issubclass(pass_class, RulePass):
         raise UsageError(
             f"pass '{args.pass_name}' is not made of rewrite rules; nothing to explain",
             hint="explain works for the fusion passes (`dsopt passes`, stage 'fuse')",
         )
-    reasons = explain(Module.load(args.model), pass_class())
+    ctx = PassContext()
+    if args.target:
+        target = host.get_target(args.target)
+        ctx = PassContext(target=target.name, fused_ops=target.fused_ops, max_opset=target.opset)
+    reasons = explain(Module.load(args.model), pass_class(), ctx)
     if args.json:
         print(json.dumps(reasons, indent=2))
         return ExitCode.OK
@@ -548,6 +598,7 @@ def _is_large(path: str) -> bool:
 _COMMANDS = {
     "optimize": _cmd_optimize,
     "compile": _cmd_compile,
+    "run": _cmd_run,
     "passes": _cmd_passes,
     "targets": _cmd_targets,
     "inspect": _cmd_inspect,

@@ -12,7 +12,9 @@ node of the chain, reading it once, in the declared input slot) and is no graph 
 graph); no matched node has another output that anything reads. `rewrite` is called only after
 `check` succeeded, and the kit then swaps the matched nodes for the new ones (which must write
 the chain's final tensor, so names seen by readers and graph outputs stay), drops `Constant`
-nodes the swap orphaned, and nothing else.
+nodes the swap orphaned, and nothing else. A chain that computes one of its own inputs may
+instead set `match.forward` to it and return no nodes: its readers then read that input (the
+chain's result must be no graph output).
 
 `MatchTracer` records why rules did not fire; `explain(module, pass_)` runs a pass on a clone
 with a tracer and returns the reasons per rule, best (deepest partial match) first.
@@ -32,7 +34,7 @@ import onnx_graphsurgeon as gs
 from dsopt.analysis import AnalysisManager, Shapes, TensorType
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult
-from dsopt.pattern import is_used, read_constant, topological_order
+from dsopt.pattern import is_used, read_constant, redirect_readers, topological_order
 
 __all__ = [
     "Match",
@@ -139,7 +141,8 @@ class Match:
     """A matched chain: `nodes` from root to last, in `graph`, plus facts for `check`.
 
     `check` may stash computed values in `values` for `rewrite` (computing is fine; mutating
-    the graph is not).
+    the graph is not). A `rewrite` that returns no nodes sets `forward`, the tensor the
+    chain's readers read instead of its result.
     """
 
     rule: Rule
@@ -147,6 +150,7 @@ class Match:
     graph: gs.Graph
     facts: _Facts
     values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    forward: gs.Tensor | None = None
 
     @property
     def root(self) -> gs.Node:
@@ -440,10 +444,12 @@ def _match(
 def _replace(match: Match, new_nodes: Sequence[gs.Node], members: set[int]) -> None:
     """Swaps the matched nodes for `new_nodes` (placed where the last one was)."""
     output = match.output
-    if not any(t is output for n in new_nodes for t in n.outputs):
+    if not new_nodes and match.forward is not None and id(output) not in match.facts.protected:
+        redirect_readers(output, match.forward)
+    elif not any(t is output for n in new_nodes for t in n.outputs):
         raise TypeError(
             f"Pass developer: rule '{match.rule.name}' must return nodes writing "
-            f"'{output.name}', the chain's result"
+            f"'{output.name}', the chain's result (or none, with `match.forward` set)"
         )
     graph = match.graph
     old_ids = {id(n) for n in match.nodes}
@@ -489,4 +495,14 @@ def explain(
     ctx.analyses = AnalysisManager(twin)
     tracer = MatchTracer()
     apply_rules(pass_.rules, twin, ctx, tracer)
-    return tracer.report(pass_.rules)
+    reasons = tracer.report(pass_.rules)
+    for rule in pass_.rules:
+        missing = [op for op in rule.requires if not ctx.supports(op)]
+        if missing:
+            ops = ", ".join(missing)
+            reasons[rule.name] = [
+                f"emits {ops}, which target '{ctx.target}' does not declare"
+                if ctx.target
+                else f"emits {ops}: runs only for targets that declare it (e.g. --target onnxruntime)"
+            ]
+    return reasons

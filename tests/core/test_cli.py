@@ -205,3 +205,26 @@ def test_explain_says_why_rules_did_not_fire(tmp_path, capsys):
     assert any("graph output" in r or "not constant" in r for r in reasons), reasons
     assert main(["explain", str(path), "eliminate-dead"]) == 2
     assert "not made of rewrite rules" in _one_error_line(capsys.readouterr().err)
+
+
+def test_explain_names_the_fused_op_a_target_lacks(tmp_path, capsys):
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) <float[4, 3, 1, 1] w = {
+            1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 1.0, 2.0, 3.0}> {
+          c = Conv (x, w)
+          y = Relu (c)
+        }"""
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, path)
+    assert main(["explain", str(path), "fuse-contrib-ops", "--json"]) == 0
+    reasons = json.loads(capsys.readouterr().out)["fused-conv"]
+    assert reasons == [
+        "emits com.microsoft::FusedConv: runs only for targets that declare it "
+        "(e.g. --target onnxruntime)"
+    ]
+    assert (
+        main(["explain", str(path), "fuse-contrib-ops", "--target", "onnxruntime", "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["fused-conv"] == []
