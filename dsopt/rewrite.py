@@ -503,6 +503,7 @@ def explain(
             reasons[rule.name] = [
                 f"emits {ops}, which target '{ctx.target}' does not declare"
                 if ctx.target
-                else f"emits {ops}: runs only for targets that declare it (e.g. --target onnxruntime)"
+                else f"emits {ops}: runs only for targets that declare it "
+                "(e.g. --target onnxruntime)"
             ]
     return reasons
