@@ -30,7 +30,8 @@ STAGES = ("canonicalize", "fuse", "qdq", "quantize", "precision", "attention", "
 DEFAULT_PIPELINE = (
     "inline-constants,eliminate-noops,simplify-shapes,fold-constants,upgrade-opset,"
     "fuse-batch-norm,fold-bias-add,fold-conv-scale,fuse-matmul-add,fuse-activations,"
-    "fuse-layer-norm,fuse-attention,merge-layout-chains,fold-pad,fuse-contrib-ops,"
+    "fuse-layer-norm,fuse-attention,fold-constant-chains,merge-layout-chains,fold-pad,"
+    "fuse-contrib-ops,"
     "eliminate-common-subexpressions,eliminate-dead"
 )
 

@@ -12,6 +12,7 @@ from dsopt.passes.eliminate_common_subexpressions import EliminateCommonSubexpre
 from dsopt.passes.eliminate_dead import EliminateDead
 from dsopt.passes.eliminate_noops import EliminateNoops
 from dsopt.passes.fold_bias_add import FoldBiasAdd
+from dsopt.passes.fold_constant_chains import FoldConstantChains
 from dsopt.passes.fold_constants import FoldConstants
 from dsopt.passes.fold_conv_scale import FoldConvScale
 from dsopt.passes.fold_pad import FoldPad
@@ -42,6 +43,7 @@ BUILTIN_PASSES = (
     FuseActivations,
     FuseLayerNorm,
     FuseAttention,
+    FoldConstantChains,
     MergeLayoutChains,
     FoldPad,
     FuseContribOps,

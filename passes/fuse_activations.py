@@ -1,4 +1,4 @@
-"""Fuse exporter-spelled activations (GELU, HardSigmoid, HardSwish) into single ONNX ops."""
+"""Fuse exporter-spelled activations (GELU, HardSigmoid, HardSwish, SiLU) into ONNX ops."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 _MAX_DEGREE = 3
+#: HardSwish is a standard op from this opset on.
+_HARD_SWISH_OPSET = 14
+#: onnxruntime (1.32) executes Swish only at opset 24 (the op is unchanged since).
+_SWISH_MAX_OPSET = 24
 
 Poly = dict[int, float]
 
@@ -124,12 +128,17 @@ class _Tree:
         return c1 * c2, [*f1, *f2], [*n1, *n2, node]
 
     def total(self, tensor: gs.Tensor) -> tuple[float, list[gs.Tensor], list[gs.Node]]:
-        """`tensor` as constant + sum(terms) over Add and Sub-of-a-constant."""
+        """`tensor` as constant + sum(terms) over Add and Sub of a constant.
+
+        An Add of two non-constants is one term: x may well be such a sum.
+        """
         node = self.producer(tensor, ("Add", "Sub"))
         if node is None or len(node.inputs) != 2:
             value = self.scalar(tensor)
             return (0.0, [tensor], []) if value is None else (value, [], [])
         first, second = node.inputs
+        if node.op == "Add" and self.scalar(first) is None and self.scalar(second) is None:
+            return 0.0, [tensor], []
         if node.op == "Sub":
             value = self.scalar(second)
             if value is None:
@@ -351,6 +360,7 @@ class GeluErf(_Gelu):
     """x * 0.5 * (1 + Erf(x / sqrt(2)))  ==>  Gelu(x) (any order of the factors)."""
 
     name = "gelu-erf"
+    min_opset = 20
     function = "Erf"
 
     def argument(self) -> Poly:
@@ -361,6 +371,7 @@ class GeluTanh(_Gelu):
     """0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))  ==>  Gelu(x, "tanh")."""
 
     name = "gelu-tanh"
+    min_opset = 20
     function = "Tanh"
     approximate = "tanh"
 
@@ -375,11 +386,12 @@ class HardSwish(Rule):
     """
 
     name = "hard-swish"
+    min_opset = 14
     pattern = (Op("Mul", "Div"),)
 
     def check(self, match: Match) -> MatchResult:
         """HardSwish needs opset 14."""
-        if match.opset < 14:
+        if match.opset < _HARD_SWISH_OPSET:
             return match.fail("needs opset 14")
         return _hard_swish(match)
 
@@ -398,8 +410,10 @@ def _hard_swish(match: Match) -> MatchResult:
     for x, rest in (factors, factors[::-1]):
         node = tree.producer(rest, ("HardSigmoid",))
         if node is not None and len(node.inputs) == 1 and node.inputs[0] is x:
-            alpha = float(node.attrs.get("alpha", 0.2)) * coef
-            beta = float(node.attrs.get("beta", 0.5)) * coef
+            if not _close(coef, 1.0):  # a scaled HardSigmoid saturates at coef, not 1
+                return match.fail(f"x * HardSigmoid(x) is scaled by {coef:g}")
+            alpha = float(node.attrs.get("alpha", 0.2))
+            beta = float(node.attrs.get("beta", 0.5))
             found = (alpha, beta, x, [node])
         else:
             found = tree.hard_sigmoid(rest, coef, x)
@@ -412,6 +426,40 @@ def _hard_swish(match: Match) -> MatchResult:
     return match.fail("no factor is HardSigmoid of the other factor")
 
 
+class HardSwishMul(Rule):
+    """x * clamp(x + 3, 0, 6) / 6 before opset 14  ==>  Mul(x, HardSigmoid(x, 1/6, 0.5)).
+
+    Spelled as for `hard-swish` (which takes over from opset 14, where HardSwish exists);
+    fires only when the spelling has more nodes than the two it becomes.
+    """
+
+    name = "hard-swish-mul"
+    min_opset = 6
+    pattern = (Op("Mul", "Div"),)
+
+    def check(self, match: Match) -> MatchResult:
+        """Opset 6 to 13, and more than two nodes to replace."""
+        if match.opset >= _HARD_SWISH_OPSET:
+            return match.fail("HardSwish exists from opset 14: left to hard-swish")
+        result = _hard_swish(match)
+        if result.ok and len(match.values["nodes"]) <= 2:
+            return match.fail("already x * HardSigmoid(x)")
+        return result
+
+    def rewrite(self, match: Match, graph: gs.Graph) -> Sequence[gs.Node]:
+        """HardSigmoid(x, 1/6, 0.5) and the Mul of x by it."""
+        name = match.last.name
+        _take_nodes(match)
+        x = match.values["x"]
+        stem = name or "hard_swish"
+        gate = gs.Variable(match.facts.fresh(f"{stem}_gate"), dtype=x.dtype, shape=x.shape)
+        attrs = {"alpha": 1.0 / 6.0, "beta": 0.5}
+        hard_sigmoid = gs.Node(
+            "HardSigmoid", match.facts.fresh(f"{stem}_hard_sigmoid"), attrs, [x], [gate]
+        )
+        return [hard_sigmoid, match.new_node("Mul", [x, gate], name=name)]
+
+
 class HardSigmoid(Rule):
     """clamp(a * x + b, 0, h) * s with s * h = 1  ==>  HardSigmoid(x, alpha=a*s, beta=b*s).
 
@@ -420,6 +468,7 @@ class HardSigmoid(Rule):
     """
 
     name = "hard-sigmoid"
+    min_opset = 6
     pattern = (Op("Mul", "Div", "Clip", "Min", "Max"),)
 
     def check(self, match: Match) -> MatchResult:
@@ -463,8 +512,58 @@ class HardSigmoid(Rule):
         return [match.new_node("HardSigmoid", [match.values["x"]], attrs, name=name)]
 
 
+class Silu(Rule):
+    """x * Sigmoid(x) or x * Sigmoid(a * x)  ==>  Swish(x, alpha=a) (either operand order).
+
+    Swish needs opset 24; onnxruntime 1.32 has no Swish kernel at later opsets, so those
+    are left alone too.
+    """
+
+    name = "silu"
+    min_opset = 24
+    pattern = (Op("Mul"),)
+
+    def check(self, match: Match) -> MatchResult:
+        """One operand is Sigmoid of the other one times a constant (or of it alone)."""
+        if match.opset > _SWISH_MAX_OPSET:
+            return match.fail(f"onnxruntime runs no Swish at opset {match.opset}")
+        root, tree = match.root, _Tree(match)
+        if len(root.inputs) != 2:
+            return match.fail("Mul has no two inputs")
+        for x, rest in (root.inputs, root.inputs[::-1]):
+            node = tree.producer(rest, ("Sigmoid",))
+            if node is None or len(node.inputs) != 1:
+                continue
+            alpha, more = 1.0, []
+            if node.inputs[0] is not x:
+                found = tree.scaled(node.inputs[0])
+                if found is None or found[1] is not x:
+                    continue
+                alpha, _, more = found
+            if not math.isfinite(alpha):
+                return match.fail(f"alpha {alpha} is not finite")
+            match.values["alpha"] = alpha
+            return _finish(match, tree, x, [*more, node])
+        return match.fail("no operand is Sigmoid(a * x) of the other operand")
+
+    def rewrite(self, match: Match, graph: gs.Graph) -> Sequence[gs.Node]:
+        """One Swish node reading x (alpha only when it is not 1)."""
+        name = match.last.name
+        _take_nodes(match)
+        alpha = match.values["alpha"]
+        attrs = {} if alpha == 1.0 else {"alpha": alpha}
+        return [match.new_node("Swish", [match.values["x"]], attrs, name=name)]
+
+
 #: The rules of `fuse-activations`, tried in this order at each root node.
-RULES: tuple[Rule, ...] = (GeluErf(), GeluTanh(), HardSwish(), HardSigmoid())
+RULES: tuple[Rule, ...] = (
+    GeluErf(),
+    GeluTanh(),
+    HardSwish(),
+    HardSwishMul(),
+    HardSigmoid(),
+    Silu(),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,17 +578,21 @@ class FuseActivations(RulePass):
          or x*x*x)  ==>  Gelu(x, approximate="tanh"); opset >= 20.
       3. `hard-swish`: x * HardSigmoid(x) with alpha 1/6 and beta 0.5, or
          x * clamp(x + 3, 0, 6) / 6  ==>  HardSwish(x); opset >= 14.
-      4. `hard-sigmoid`: clamp(a * x + b, 0, h) * s with s * h = 1 (Clip(x + 3, 0, 6) / 6,
+      4. `hard-swish-mul`: the `hard-swish` spellings of three nodes or more (e.g. PP-OCR's
+         x * Clip(x + 3, 0, 6) / 6)  ==>  Mul(x, HardSigmoid(x, 1/6, 0.5)); opset 6 to 13.
+      5. `hard-sigmoid`: clamp(a * x + b, 0, h) * s with s * h = 1 (Clip(x + 3, 0, 6) / 6,
          Relu/Min/Max spellings, * (1/6))  ==>  HardSigmoid(x, a*s, b*s); opset >= 6.
+      6. `silu`: x * Sigmoid(x) or x * Sigmoid(a * x) (Mul or Div by a constant)  ==>
+         Swish(x, alpha=a); opset 24 (onnxruntime 1.32 runs no Swish at later opsets).
 
     Constants match within a relative `RTOL` of 1e-4 and must be one-element floats that
     cannot broadcast x to a higher rank; every intermediate has exactly one reader and is no
-    graph output (x itself may have many readers). SiLU has no standard op and is left alone.
-    Exact up to float re-association (and the constants' tolerance).
+    graph output (x itself may have many readers). Exact up to float re-association (and the
+    constants' tolerance).
     """
 
     name = "fuse-activations"
-    summary = "fuse GELU, HardSigmoid and HardSwish spellings into single ONNX ops"
+    summary = "fuse GELU, HardSigmoid, HardSwish and SiLU spellings into ONNX ops"
     stage = "fuse"
     exactness = "reassoc"
     opsets = (6, None)
