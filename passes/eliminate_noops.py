@@ -216,6 +216,27 @@ def _single_input(node: gs.Node, facts: _Facts) -> gs.Tensor | None:
     return node.inputs[0] if len(node.inputs) == 1 else None
 
 
+def _concat(node: gs.Node, facts: _Facts) -> gs.Tensor | None:
+    """Concat of one input, or of every output of one Split in order along its axis, is x."""
+    if len(node.inputs) == 1:
+        return node.inputs[0]
+    first = node.inputs[0]
+    split = first.inputs[0] if isinstance(first, gs.Variable) and len(first.inputs) == 1 else None
+    if split is None or split.op != "Split" or (split.domain or "") not in ("", "ai.onnx"):
+        return None
+    if len(split.outputs) != len(node.inputs):
+        return None
+    if any(a is not b for a, b in zip(split.outputs, node.inputs, strict=True)):
+        return None
+    x = split.inputs[0]
+    axes = {int(split.attrs.get("axis", 0)), int(node.attrs.get("axis", 0))}
+    if len(axes) == 2:
+        shape = facts.shape(x)
+        if shape is None or len({a % len(shape) for a in axes}) != 1:
+            return None
+    return x
+
+
 def _single_split(node: gs.Node, facts: _Facts) -> gs.Tensor | None:
     """Split into a single output is its input."""
     return node.inputs[0] if len(node.outputs) == 1 else None
@@ -239,7 +260,7 @@ RULES: tuple[NoopRule, ...] = (
     NoopRule("div-by-one", ("Div",), _div_by_one),
     NoopRule("add-zero", ("Add",), _add_zero),
     NoopRule("sub-zero", ("Sub",), _sub_zero),
-    NoopRule("concat-single", ("Concat",), _single_input),
+    NoopRule("concat", ("Concat",), _concat),
     NoopRule("variadic-single", ("Sum", "Mean", "Max", "Min"), _single_input),
     NoopRule("split-single", ("Split",), _single_split),
 )
@@ -345,7 +366,8 @@ class EliminateNoops(Pass):
     shape that broadcasts away, Tile by ones, Slice from 0 to INT64_MAX), so dynamic dims
     are fine; Transpose by the identity permutation; Pad by zeros; x*1, 1*x, x/1, x+0, 0+x
     and x-0 when broadcasting keeps x's shape and type; Concat, Sum, Mean, Max and Min of
-    one input; Split into one output. Runs in every subgraph, sweeping to a fixed point.
+    one input; Concat of all outputs of a Split, in order, along its axis; Split into one
+    output. Runs in every subgraph, sweeping to a fixed point.
 
     A removed node's readers (subgraphs included) read its input instead. When its output
     is a graph output, the input's producer takes over that name; when the input cannot be
