@@ -3,31 +3,70 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+
+from dsopt.errors import NotRunnableHere, UsageError
 from dsopt.ir import Module
 
-__all__ = ["Artifact", "Target"]
+__all__ = [
+    "Artifact",
+    "Target",
+    "lower_tvm",
+    "run_library",
+    "run_onnx",
+    "static_model",
+    "write_onnx",
+]
+
+logger = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
-    """A file a target wrote into the output directory, with its role (`model`, `library`)."""
+    """A file a target wrote into the output directory, with its role (`model`, `library`).
+
+    Args:
+        role: What the file is: `model` (ONNX) or `library` (compiled code).
+        path: Where it was written.
+        meta: Extra manifest fields for this artifact (format, entry point, ...); a `tvm` key
+            becomes the manifest's top-level `tvm` section.
+    """
 
     role: str
     path: Path
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-#: Lowers an optimized module into files under `outdir`; returns what it wrote.
+#: Lowers an optimized module into files under `outdir`; returns what it wrote. Options:
+#: `shapes` (input shape overrides, may be None) and `target` (the Target being lowered for).
 Lowering = Callable[[Module, Path, Mapping[str, Any]], list[Artifact]]
+
+#: Runs a compiled OUTDIR once: (outdir, manifest, feeds by input name) -> outputs by name.
+Runner = Callable[[Path, Mapping[str, Any], Feeds], dict[str, np.ndarray]]
 
 
 def write_onnx(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[Artifact]:
     """The default lowering: the optimized model as `model.onnx`."""
     path = module.save(outdir / "model.onnx")
     return [Artifact("model", path)]
+
+
+def run_onnx(outdir: Path, manifest: Mapping[str, Any], feeds: Feeds) -> dict[str, np.ndarray]:
+    """Runs OUTDIR's `model.onnx` in onnxruntime (CPU)."""
+    from dsopt import numerics
+
+    return numerics.run_model(_artifact(outdir, manifest, "model"), dict(feeds), label="model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +77,17 @@ class Target:
         name: Kebab-case name used with `--target`.
         summary: One line for `dsopt targets`.
         aliases: Other accepted names.
-        tvm: TVM target config in dict form (None for non-TVM targets).
+        tvm: TVM target config in dict form (None for non-TVM targets); a GPU config nests its
+            CPU side under `host`.
+        host_cpu: The TVM config's `mcpu` is the build machine's CPU (LLVM's name for it).
+        cpu_features: CPU flags (/proc/cpuinfo spelling, `avx512vnni` for VNNI) the compiled
+            code needs, so it runs here only when this machine has them.
+        link: How the library is linked: `host` (a `.so` by the host's C++ compiler), `cross`
+            (a `.so` by `cross_compiler`; without it on PATH, a `.tar` of objects), or
+            `objects` (a `.tar` of objects to link for the device).
+        cross_compiler: C++ compiler driver that links for the device, e.g.
+            `aarch64-linux-gnu-g++`.
+        schedules: CPU schedules added to TVM's fused pipeline: `none` or `dlight`.
         pipeline: Default pass pipeline text for this target.
         precisions: Precisions the target runs, with relative cost (lower is faster).
         fused_ops: Non-standard ops (`domain::Op`, e.g. `com.microsoft::FusedConv`) its runtime
@@ -47,15 +96,247 @@ class Target:
             model's opset up to it when a standard fused op needs that (None: never upgrade).
         allow_lossy: Whether lossy passes may join its default pipeline.
         lower: Writes the deployable files; defaults to writing `model.onnx`.
+        run: Runs a compiled OUTDIR here (`dsopt run`, and compile's check of the library);
+            raises `NotRunnableHere` when the code is for another machine.
     """
 
     name: str
     summary: str
     aliases: tuple[str, ...] = ()
     tvm: Mapping[str, Any] | None = None
+    host_cpu: bool = False
+    cpu_features: frozenset[str] = frozenset()
+    link: str = "host"
+    cross_compiler: str | None = None
+    schedules: str = "none"
     pipeline: str = "default"
     precisions: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"float32": 1.0})
     fused_ops: frozenset[str] = frozenset()
     opset: int | None = None
     allow_lossy: bool = False
     lower: Lowering = write_onnx
+    run: Runner = run_onnx
+
+    def tvm_config(self) -> dict[str, Any] | None:
+        """The TVM target dict as lowering uses it (the host's CPU filled in for `host_cpu`)."""
+        if self.tvm is None:
+            return None
+        config = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.tvm.items()}
+        if self.host_cpu:
+            from dsopt import _tvm
+
+            config["mcpu"] = _tvm.host_cpu_features()["cpu"]
+        return config
+
+
+# -- TVM lowering ------------------------------------------------------------------------------
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    # Some exporters (Paddle2ONNX) write -1 for a dynamic dim.
+    return [
+        d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+        for d in tt.shape.dim
+    ]
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in initializers]
+
+
+def static_model(
+    module: Module, shapes: Mapping[str, Sequence[int]] | None, target: str
+) -> onnx.ModelProto:
+    """A copy of `module` with static input shapes and its shape arithmetic folded away.
+
+    Inputs get the `shapes` overrides (or keep their static shapes); then `simplify-shapes`,
+    `fold-constants` and `eliminate-dead` run until nothing changes, so TVM's importer sees
+    constants instead of `Shape -> Gather -> Concat -> Reshape` chains.
+
+    Raises:
+        UsageError: An input has dynamic dims and no override, or an override does not fit.
+    """
+    from dsopt.pass_infra import PassContext, PassManager
+    from dsopt.passes.eliminate_dead import EliminateDead
+    from dsopt.passes.fold_constants import FoldConstants
+    from dsopt.passes.simplify_shapes import SimplifyShapes
+
+    proto = module.to_proto()
+    shapes = dict(shapes or {})
+    inputs = _graph_inputs(proto)
+    names = [vi.name for vi in inputs]
+    for name in shapes:
+        if name not in names:
+            raise UsageError(
+                f"--shape {name}: the model has no input '{name}' (inputs: {', '.join(names)})"
+            )
+    for vi in inputs:
+        dims = _dims(vi)
+        if vi.name in shapes:
+            wanted = [int(d) for d in shapes[vi.name]]
+            if dims is not None and len(dims) != len(wanted):
+                raise UsageError(
+                    f"--shape {vi.name}: the model's input has rank {len(dims)}, not {len(wanted)}"
+                )
+            for declared, given in zip(dims or wanted, wanted, strict=True):
+                if isinstance(declared, int) and declared != given:
+                    raise UsageError(
+                        f"--shape {vi.name}={','.join(map(str, wanted))} contradicts the model's "
+                        f"static shape {dims}"
+                    )
+        elif dims is None or not all(isinstance(d, int) for d in dims):
+            shown = (
+                "?" if dims is None else ",".join(str(d if d is not None else "?") for d in dims)
+            )
+            example = (
+                "D1,D2,..."
+                if dims is None
+                else ",".join(str(d) if isinstance(d, int) else "1" for d in dims)
+            )
+            raise UsageError(
+                f"input '{vi.name}' has dynamic shape [{shown}]; target '{target}' compiles for "
+                f"static shapes: pass --shape {vi.name}={example}"
+            )
+        else:
+            continue
+        shape = vi.type.tensor_type.shape
+        shape.ClearField("dim")
+        for size in shapes[vi.name]:
+            shape.dim.add().dim_value = int(size)
+    # Intermediate and output types were inferred for the dynamic shapes; infer them again.
+    del proto.graph.value_info[:]
+    for vi in proto.graph.output:
+        for dim in vi.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+    static = Module.from_proto(proto)
+    passes = [SimplifyShapes(), FoldConstants(), EliminateDead()]
+    PassManager(passes, verify="off", rounds=8).run(static, PassContext(target=target))
+    folded = static.to_proto()
+    try:
+        return onnx.shape_inference.infer_shapes(folded, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: the library check catches real problems
+        logger.debug("shape inference failed on the static model", exc_info=True)
+        return folded
+
+
+def _input_dtype(vi: onnx.ValueInfoProto) -> str:
+    return str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name)
+
+
+def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[Artifact]:
+    """Lowers through TVM: static shapes, Relax import, the target's pipeline, compile, link.
+
+    Writes the static model as `model.onnx` (what the library computes) and the library as
+    `model.so` (or `model.tar` of objects when it is linked for the device later).
+    """
+    from dsopt import _tvm
+
+    target: Target = options["target"]
+    config = target.tvm_config()
+    assert config is not None, f"target '{target.name}' declares no TVM config"
+    static = static_model(module, options.get("shapes"), target.name)
+    model_path = outdir / "model.onnx"
+    onnx.save(static, model_path)
+    inputs = _graph_inputs(static)
+    shapes = {vi.name: [int(d) for d in _dims(vi) or []] for vi in inputs}
+    dtypes = {vi.name: _input_dtype(vi) for vi in inputs}
+    started = time.perf_counter()
+    mod = _tvm.import_onnx(static, shapes, dtypes, target_name=target.name)
+    executable = _tvm.build(
+        mod, config, {"schedules": target.schedules, "target_name": target.name}
+    )
+    compiled = time.perf_counter() - started
+    if target.link == "host":
+        library, linker = outdir / "model.so", None
+    elif target.link == "cross" and target.cross_compiler and shutil.which(target.cross_compiler):
+        library, linker = outdir / "model.so", target.cross_compiler
+    else:
+        library, linker = outdir / "model.tar", None
+        if target.link == "cross":
+            logger.warning(
+                "%s is not on PATH: target '%s' gets model.tar (objects); link it with a "
+                "cross compiler or on the device",
+                target.cross_compiler,
+                target.name,
+            )
+    _tvm.export(executable, library, cross_compiler=linker)
+    meta: dict[str, Any] = {
+        "format": "tvm-relax-vm",
+        "entry": "main",
+        "linked": library.suffix == ".so",
+        "linker": linker or ("host" if library.suffix == ".so" else None),
+        "cpu_features": sorted(target.cpu_features),
+        "compile_seconds": round(compiled, 3),
+        "tvm": {**_tvm.versions(), "target": config, "schedules": target.schedules},
+    }
+    source = _tvm.cuda_source(executable) if config.get("kind") == "cuda" else ""
+    if source:
+        # No GPU driver at build time: the library keeps CUDA C and compiles it when loaded.
+        meta["cuda"] = "source (compiled when loaded on the device)"
+    return [Artifact("model", model_path), Artifact("library", library, meta)]
+
+
+def _artifact(outdir: Path, manifest: Mapping[str, Any], role: str) -> Path:
+    for entry in manifest.get("artifacts", []):
+        if entry.get("role") == role:
+            return outdir / entry["path"]
+    raise UsageError(f"{outdir}: manifest.json lists no {role} artifact")
+
+
+def _host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def run_library(outdir: Path, manifest: Mapping[str, Any], feeds: Feeds) -> dict[str, np.ndarray]:
+    """Runs OUTDIR's TVM library on this machine's CPU.
+
+    Raises:
+        NotRunnableHere: The library is for another ISA, needs CPU features this machine
+            lacks, targets a GPU, or is an unlinked object archive.
+        UsageError: A feed is missing or has the wrong shape or dtype.
+    """
+    from dsopt import _tvm
+
+    target = manifest.get("target", "?")
+    config = (manifest.get("tvm") or {}).get("target") or {}
+    library = _artifact(outdir, manifest, "library")
+    arch = str(config.get("mtriple") or "x86_64").split("-")[0]
+    if config.get("kind") != "llvm":
+        raise NotRunnableHere(
+            f"target '{target}' builds {config.get('kind')} code; run {library.name} on the "
+            "device with TVM's runtime (see README, 'Running a compiled library')"
+        )
+    if arch != _host_arch():
+        raise NotRunnableHere(
+            f"target '{target}' builds {arch} code and this machine is {_host_arch()}; run "
+            f"{library.name} on the device with TVM's runtime"
+        )
+    entry = next(a for a in manifest["artifacts"] if a["role"] == "library")
+    needed = set(entry.get("cpu_features", []))
+    missing = sorted(needed - set(_tvm.host_cpu_features()["features"]))
+    if missing:
+        raise NotRunnableHere(
+            f"target '{target}' needs CPU features {', '.join(missing)}, which this machine "
+            "lacks; run it on a machine that has them"
+        )
+    if library.suffix != ".so":
+        raise NotRunnableHere(f"{library.name} holds unlinked objects; link it first")
+    arrays = []
+    for spec in manifest["inputs"]:
+        if spec["name"] not in feeds:
+            raise UsageError(f"no value for input '{spec['name']}'")
+        value = np.asarray(feeds[spec["name"]])
+        if list(value.shape) != list(spec["shape"]) or value.dtype.name != spec["dtype"]:
+            raise UsageError(
+                f"input '{spec['name']}' is {value.dtype.name}{list(value.shape)}; the library "
+                f"was compiled for {spec['dtype']}{spec['shape']}",
+                hint="compile again with --shape NAME=DIMS for other shapes",
+            )
+        arrays.append(value)
+    outputs = _tvm.load_and_run(library, arrays, entry=entry.get("entry", "main"))
+    names = [o["name"] for o in manifest["outputs"]]
+    return dict(zip(names, outputs, strict=True))

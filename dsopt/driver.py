@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,9 +22,18 @@ from dsopt.pass_infra import PassContext, PassManager, PipelineReport, Verify
 from dsopt.pipeline import Pipeline, default_pipeline, load_config, parse_pipeline
 from dsopt.plugin import PluginHost
 
-__all__ = ["CompileResult", "OptimizeResult", "build_pipeline", "compile", "optimize"]
+__all__ = [
+    "CompileResult",
+    "OptimizeResult",
+    "build_pipeline",
+    "compile",
+    "optimize",
+    "verify_manifest",
+]
 
 MANIFEST_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -225,9 +235,19 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        artifacts = target_obj.lower(result.module, staging, {"shapes": shapes})
+        lowering_started = time.perf_counter()
+        artifacts = target_obj.lower(
+            result.module, staging, {"shapes": shapes, "target": target_obj}
+        )
+        lowering_seconds = time.perf_counter() - lowering_started
         optimized = result.module.to_proto()
         manifest = _manifest(source, target_obj.name, result, optimized, artifacts, staging)
+        library_check = None
+        if check and any(a.role == "library" for a in artifacts):
+            library_check = _check_library(
+                target_obj, staging, manifest, optimized, source, out, rtol=rtol, atol=atol
+            )
+            manifest["library_verified"] = library_check["ok"]
         report = {
             "dsopt_report_version": MANIFEST_VERSION,
             "input": str(source),
@@ -236,6 +256,8 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
             "seconds": round(time.perf_counter() - started, 6),
             **result.report.to_dict(),
             "equivalence": result.equivalence.to_dict() if result.equivalence else None,
+            "lowering_seconds": round(lowering_seconds, 6),
+            "library_check": library_check,
         }
         _write_json(staging / "manifest.json", manifest)
         _write_json(staging / "report.json", report)
@@ -246,6 +268,70 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return CompileResult(outdir=out, manifest=manifest, report=report)
+
+
+def _check_library(
+    target: Any,
+    outdir: Path,
+    manifest: Mapping[str, Any],
+    optimized: onnx.ModelProto,
+    source: Path,
+    final: Path,
+    *,
+    rtol: float,
+    atol: float,
+) -> dict[str, Any]:
+    """Runs the compiled library on seeded random inputs against onnxruntime on the model.
+
+    Raises:
+        CheckFailed: An output is outside tolerance (nothing is written to OUTDIR).
+    """
+    from dsopt import numerics
+    from dsopt.errors import NotRunnableHere
+
+    feeds = numerics.random_inputs(
+        outdir / "model.onnx", shapes={s["name"]: s["shape"] for s in manifest["inputs"]}
+    )
+    try:
+        candidate = target.run(outdir, manifest, feeds)
+    except NotRunnableHere as e:
+        logger.info("library not checked: %s", e.message)
+        return {"ok": None, "skipped": e.message}
+    reference = numerics.run_model(optimized, feeds, label="optimized")
+    comparisons = numerics.compare_outputs(reference, candidate, rtol=rtol, atol=atol)
+    report = numerics.EquivalenceReport(outputs=comparisons, samples=1, rtol=rtol, atol=atol)
+    if not report.ok:
+        worst = report.failures()[0]
+        raise CheckFailed(
+            f"{source}: the {target.name} library's output '{worst.name}' differs from "
+            f"onnxruntime on the optimized model ({worst.describe()}); nothing was written to "
+            f"{final}",
+            hint="compile for --target onnxruntime, or loosen --rtol/--atol if the error is "
+            "float re-association",
+        )
+    return {"ok": True, **report.to_dict()}
+
+
+def verify_manifest(outdir: Path, manifest: Mapping[str, Any]) -> None:
+    """Checks that every artifact the manifest lists exists with its recorded size and hash.
+
+    Raises:
+        UsageError: The manifest is of an unknown version, or a file is missing or changed.
+    """
+    if manifest.get("dsopt_manifest_version") != MANIFEST_VERSION:
+        raise UsageError(
+            f"{outdir}/manifest.json: unknown manifest version "
+            f"{manifest.get('dsopt_manifest_version')!r} (this dsopt reads {MANIFEST_VERSION})"
+        )
+    for entry in manifest.get("artifacts", []):
+        path = outdir / entry["path"]
+        if not path.is_file():
+            raise UsageError(f"{path}: listed in manifest.json but missing")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise UsageError(
+                f"{path}: does not match manifest.json (size or sha256 changed)",
+                hint="compile the model again",
+            )
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -284,14 +370,20 @@ def _manifest(
 ) -> dict[str, Any]:
     import dsopt
 
-    initializers = {t.name for t in optimized.graph.initializer}
-    return {
+    # The inputs and outputs of what OUTDIR holds: a target may write a static-shape model.
+    model_file = next((a.path for a in artifacts if a.role == "model"), None)
+    described = (
+        onnx.load(model_file, load_external_data=False) if model_file is not None else optimized
+    )
+    initializers = {t.name for t in described.graph.initializer}
+    tvm = next((a.meta["tvm"] for a in artifacts if "tvm" in a.meta), None)
+    manifest = {
         "dsopt_manifest_version": MANIFEST_VERSION,
         "dsopt_version": dsopt.__version__,
         "target": target,
         "source": {"path": source.name, "sha256": _sha256(source), "bytes": source.stat().st_size},
-        "inputs": _io_specs(optimized.graph.input, initializers),
-        "outputs": _io_specs(optimized.graph.output, set()),
+        "inputs": _io_specs(described.graph.input, initializers),
+        "outputs": _io_specs(described.graph.output, set()),
         "opset_imports": {(i.domain or "ai.onnx"): i.version for i in optimized.opset_import},
         "pipeline": result.pipeline,
         "artifacts": [
@@ -300,9 +392,13 @@ def _manifest(
                 "path": a.path.relative_to(staging).as_posix(),
                 "sha256": _sha256(a.path),
                 "bytes": a.path.stat().st_size,
+                **{k: v for k, v in a.meta.items() if k != "tvm"},
             }
             for a in artifacts
         ],
         "verified": result.report.verification,
         "equivalent": None if result.equivalence is None else bool(result.equivalence.ok),
     }
+    if tvm is not None:
+        manifest["tvm"] = tvm
+    return manifest

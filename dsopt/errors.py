@@ -71,10 +71,14 @@ class LoweringError(DsoptError):
     """A target could not lower or build the model; names the target and quotes the cause."""
 
 
+class NotRunnableHere(UsageError):
+    """A compiled library is for another machine (ISA, CPU features or device) than this one."""
+
+
 class CheckFailed(DsoptError):
     """Numerical equivalence check found outputs outside tolerance."""
 
     exit_code = ExitCode.CHECK_FAILED
 
 
-__all__ += ["CheckFailed"]
+__all__ += ["CheckFailed", "NotRunnableHere"]

@@ -1,0 +1,39 @@
+"""NVIDIA GPUs on an x86-64 host through TVM's CUDA backend: one target per architecture."""
+
+from __future__ import annotations
+
+from dsopt.backend import Target, lower_tvm, run_library
+
+_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+
+
+def _cuda(
+    arch: str, summary: str, precisions: dict[str, float], name: str | None = None, **kw: object
+) -> Target:
+    return Target(
+        name=name or f"cuda-{arch.replace('_', '')}",
+        summary=summary,
+        tvm={"kind": "cuda", "arch": arch, "host": dict(_HOST)},
+        link="host",
+        precisions=precisions,
+        opset=17,
+        lower=lower_tvm,
+        run=run_library,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+_TENSOR_CORES = {"float16": 1.0, "float32": 4.0, "int8": 0.5, "int4-weight": 0.7}
+
+CUDA_SM80 = _cuda(
+    "sm_80", "NVIDIA Ampere A100 (sm_80): model.so with CUDA kernels", _TENSOR_CORES,
+    name="cuda",
+    aliases=("cuda-sm80", "cuda-a100"),
+)  # fmt: skip
+CUDA_SM86 = _cuda("sm_86", "NVIDIA Ampere RTX 30xx / A10 (sm_86): model.so", _TENSOR_CORES)
+CUDA_SM89 = _cuda("sm_89", "NVIDIA Ada RTX 40xx / L4 (sm_89): model.so", _TENSOR_CORES)
+CUDA_SM90 = _cuda(
+    "sm_90", "NVIDIA Hopper H100 (sm_90): model.so", _TENSOR_CORES, aliases=("cuda-h100",)
+)
+
+TARGETS = (CUDA_SM80, CUDA_SM86, CUDA_SM89, CUDA_SM90)

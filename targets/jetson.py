@@ -1,0 +1,28 @@
+"""NVIDIA Jetson Orin: CUDA sm_87 device with an aarch64 Cortex-A78AE host."""
+
+from __future__ import annotations
+
+from dsopt.backend import Target, lower_tvm, run_library
+
+JETSON_ORIN = Target(
+    name="jetson-orin",
+    aliases=("jetson",),
+    summary="Jetson Orin (CUDA sm_87, Cortex-A78AE host): model.so with CUDA kernels",
+    # TVM's `nvidia/jetson-orin-nano` tag names the Xavier host CPU (carmel); Orin's is A78AE.
+    tvm={
+        "kind": "cuda",
+        "arch": "sm_87",
+        "host": {
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mcpu": "cortex-a78ae",
+            "mattr": ["+neon", "+dotprod"],
+        },
+    },
+    link="cross",
+    cross_compiler="aarch64-linux-gnu-g++",
+    precisions={"float16": 1.0, "float32": 2.0, "int8": 0.6, "int4-weight": 0.8},
+    opset=17,
+    lower=lower_tvm,
+    run=run_library,
+)
