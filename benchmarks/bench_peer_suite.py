@@ -2,7 +2,8 @@
 models the onnx wheel ships for its backend tests (`dsopt.testing.backend_suite`).
 
 For every case onnxruntime itself can run (CPU, ORT_DISABLE_ALL, on the backend runner's
-inputs) each tool optimizes the model with its defaults, in one process, and the result is
+inputs) each tool optimizes the model with its defaults (dsopt with `target="onnxruntime"`,
+the runtime the suite runs on), in one process, and the result is
 classified: `ok` (runs, outputs within rtol 1e-3 / atol 1e-4 of the original), `crash` (the
 tool raised), `unloadable` (the written model no longer loads or runs in onnxruntime) or
 `wrong` (runs, outputs differ). onnxruntime's offline optimizer is

@@ -226,6 +226,16 @@ def _input_dtype(vi: onnx.ValueInfoProto) -> str:
     return str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name)
 
 
+def _unlinked_note(target: Target) -> str:
+    """The manifest's note on a `model.tar` of objects: why it is unlinked, how to link it."""
+    why = f"{target.cross_compiler} was not on PATH" if target.cross_compiler else "no linker"
+    return (
+        f"objects only ({why}): on the device run `tar xf model.tar && g++ -shared -fPIC "
+        "-o model.so *.o`, or install the cross toolchain (scripts/setup-cross.sh) and "
+        "compile again"
+    )
+
+
 def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[Artifact]:
     """Lowers through TVM: static shapes, Relax import, the target's pipeline, compile, link.
 
@@ -263,6 +273,7 @@ def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[
                 target.name,
             )
     _tvm.export(executable, library, cross_compiler=linker)
+    note = _unlinked_note(target) if library.suffix == ".tar" else None
     meta: dict[str, Any] = {
         "format": "tvm-relax-vm",
         "entry": "main",
@@ -272,6 +283,8 @@ def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[
         "compile_seconds": round(compiled, 3),
         "tvm": {**_tvm.versions(), "target": config, "schedules": target.schedules},
     }
+    if note:
+        meta["note"] = note
     source = _tvm.cuda_source(executable) if config.get("kind") == "cuda" else ""
     if source:
         # No GPU driver at build time: the library keeps CUDA C and compiles it when loaded.

@@ -18,7 +18,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from dsopt.errors import ModelError
 
-__all__ = ["TWO_GB", "Module", "ModelFacts", "load", "save_model", "iter_graphs"]
+__all__ = ["TWO_GB", "ModelFacts", "Module", "is_stub", "iter_graphs", "load", "save_model"]
 
 #: protobuf's hard limit; models beyond it must keep weights as external data.
 TWO_GB = 2**31
@@ -152,16 +152,17 @@ class Module:
         _drop_stale_value_info(model.graph)
         return model
 
-    def skeleton_proto(self, max_bytes: int = 4096) -> onnx.ModelProto:
+    def skeleton_proto(self, max_bytes: int = 4096, *, main_only: bool = False) -> onnx.ModelProto:
         """Like `to_proto`, but float weights over `max_bytes` carry only dims and dtype.
 
         For analyses such as shape inference that need the structure, not the weights: the
         export cost no longer grows with the model size. Integer tensors keep their data
         (they may be shapes that data propagation reads). Not a valid model to run or check.
+        `main_only` stubs only the main graph's weights.
         """
         swapped: list[tuple[gs.Constant, object]] = []
         try:
-            for graph in self.graphs():
+            for graph in [self.graph] if main_only else self.graphs():
                 for tensor in graph.tensors().values():
                     if not isinstance(tensor, gs.Constant) or _is_shape_like(tensor):
                         continue
@@ -183,6 +184,47 @@ class Module:
         finally:
             for tensor, values in swapped:
                 tensor._values = values
+
+    def structure_proto(self, max_bytes: int = 4096) -> onnx.ModelProto:
+        """A checkable stand-in whose export cost does not grow with the weights.
+
+        The main graph's float weights over `max_bytes` become graph inputs with their dims and
+        dtype, so onnx.checker and strict shape inference see the same structure and types
+        without serializing the weights; `weight_data_error` checks what the checker would
+        have checked of their data (its size).
+        """
+        model = self.skeleton_proto(max_bytes, main_only=True)
+        graph = model.graph
+        stubs = [t for t in graph.initializer if is_stub(t)]
+        if not stubs:
+            return model
+        stub_names = {t.name for t in stubs}
+        kept = [t for t in graph.initializer if t.name not in stub_names]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        listed = {i.name for i in graph.input}
+        for tensor in stubs:
+            if tensor.name not in listed:
+                graph.input.append(
+                    onnx.helper.make_tensor_value_info(
+                        tensor.name, tensor.data_type, list(tensor.dims)
+                    )
+                )
+        return model
+
+    def weight_data_error(self) -> str | None:
+        """The first weight whose stored data does not fill its declared dims, else None."""
+        for graph in self.graphs():
+            for tensor in graph.tensors().values():
+                if not isinstance(tensor, gs.Constant):
+                    continue
+                values = tensor._values
+                if not isinstance(values, LazyValues):
+                    continue
+                error = _data_size_error(values.tensor)
+                if error is not None:
+                    return error
+        return None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the module to `path` atomically; see `save_model`."""
@@ -280,6 +322,46 @@ def _is_shape_like(tensor: gs.Constant) -> bool:
         return np.dtype(tensor.dtype) in (np.dtype(np.int64), np.dtype(np.int32))
     except TypeError:  # graphsurgeon reports bfloat16/float8 as onnx types numpy cannot name
         return False
+
+
+def is_stub(tensor: onnx.TensorProto) -> bool:
+    """Whether `tensor` is a `skeleton_proto` stub: dims and dtype, no data anywhere."""
+    if tensor.raw_data or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    fields = ("float_data", "double_data", "int32_data", "int64_data", "uint64_data")
+    return not any(len(getattr(tensor, f)) for f in fields) and not tensor.string_data
+
+
+def _data_size_error(tensor: onnx.TensorProto) -> str | None:
+    """Why `tensor`'s stored data does not match its dims (raw and typed fields), else None."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, TypeError, ValueError):
+        return None
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.raw_data:
+        if tensor.data_type in _SUBBYTE or len(tensor.raw_data) == count * dtype.itemsize:
+            return None
+        return _size_message(tensor, count)
+    field = {1: "float_data", 11: "double_data", 7: "int64_data", 6: "int32_data"}.get(
+        tensor.data_type
+    )
+    if field is not None and len(getattr(tensor, field)) not in (0, count):
+        return _size_message(tensor, count)
+    return None
+
+
+#: Sub-byte element types (int4, uint4, float4): their raw size is not count * itemsize.
+_SUBBYTE = frozenset({21, 22, 23})
+
+
+def _size_message(tensor: onnx.TensorProto, count: int) -> str:
+    return (
+        f"weight '{tensor.name}' declares dims {list(tensor.dims)} ({count} elements) but its "
+        "stored data has a different size"
+    )
 
 
 def _onnx_dtype(tensor: gs.Constant) -> int:

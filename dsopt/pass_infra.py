@@ -34,6 +34,7 @@ __all__ = [
     "Verify",
     "graph_counts",
     "verify_model",
+    "verify_module",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,6 +269,18 @@ def verify_model(
     return None
 
 
+def verify_module(module: Module, *, strict: bool = True) -> str | None:
+    """`verify_model` on `module` at a cost that does not grow with its weights.
+
+    The checker and shape inference see `Module.structure_proto()` (weights as typed graph
+    inputs); the weights' data sizes are checked separately.
+    """
+    error = module.weight_data_error()
+    if error is not None:
+        return f"onnx.checker: {error}"
+    return verify_model(module.structure_proto(), strict=strict)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     lines = [line for line in text.splitlines() if line.strip()]
@@ -327,7 +340,7 @@ class PassManager:
             if not changed_any:
                 break
         if self.verify == "end":
-            error = verify_model(module.to_proto(), strict=self._strict)
+            error = verify_module(module, strict=self._strict)
             if error is not None:
                 raise VerificationError(
                     f"broken model after the pipeline ({', '.join(done)}): {error}",
@@ -396,7 +409,7 @@ class PassManager:
             for graph in module.graphs():
                 graph.nodes = topological_order(graph)
             if self.verify == "each":
-                error = verify_model(module.to_proto(), strict=self._strict)
+                error = verify_module(module, strict=self._strict)
                 if error is not None:
                     reproducer = self._write_reproducer([*done, pass_.describe()])
                     raise VerificationError(
@@ -427,15 +440,14 @@ class PassManager:
         An input that passes the checker but not strict shape inference is accepted, and later
         verification then uses the checker only.
         """
-        model = self._input or module.to_proto()
-        error = verify_model(model, strict=False)
-        if error is not None:
+        error = verify_module(module)
+        if error is not None and not error.startswith("shape inference:"):
             where = f"{module.source}: " if module.source else ""
             raise ModelError(
                 f"{where}the input is not a valid ONNX model: {error}",
                 hint="fix the model (or its exporter); --verify off optimizes it unchecked",
             )
-        strict_error = verify_model(model)
+        strict_error = error
         if strict_error is not None:
             self._strict = False
             logger.warning(

@@ -103,7 +103,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 
 def parse_pipeline(text: str) -> Pipeline:
-    """Parses `a,b{k=v,k2=v2},c` into a Pipeline; errors name the position and the text."""
+    """Parses `a,b{k=v,k2=v2},c` into a Pipeline; errors name the position and the text.
+
+    The name `default` stands for the default pipeline's passes, e.g. `legalize-quantized,default`.
+    """
     entries: list[PipelineEntry] = []
     i, n = 0, len(text)
 
@@ -143,7 +146,10 @@ def parse_pipeline(text: str) -> Pipeline:
             i += 1
         if i < n and text[i] != ",":
             raise fail(f"expected ',' after pass '{name}'")
-        entries.append(PipelineEntry(name, options))
+        if name == "default" and not options:  # the default pipeline, spliced in place
+            entries.extend(parse_pipeline(DEFAULT_PIPELINE).entries)
+        else:
+            entries.append(PipelineEntry(name, options))
     if not entries:
         raise UsageError("--passes is empty", hint="name at least one pass; see `dsopt passes`")
     return Pipeline(entries)

@@ -23,6 +23,7 @@ from dsopt.passes.fuse_contrib_ops import FuseContribOps
 from dsopt.passes.fuse_layer_norm import FuseLayerNorm
 from dsopt.passes.fuse_matmul_add import FuseMatmulAdd
 from dsopt.passes.inline_constants import InlineConstants
+from dsopt.passes.legalize_quantized import LegalizeQuantized
 from dsopt.passes.merge_layout_chains import MergeLayoutChains
 from dsopt.passes.simplify_shapes import SimplifyShapes
 from dsopt.passes.upgrade_opset import UpgradeOpset
@@ -47,6 +48,7 @@ BUILTIN_PASSES = (
     MergeLayoutChains,
     FoldPad,
     FuseContribOps,
+    LegalizeQuantized,
 )
 
 

@@ -177,3 +177,33 @@ def test_match_subgraphs_finds_add_relu_chain():
         "Relu",
         "Sigmoid",
     ]
+
+
+def test_verify_module_matches_verify_model_without_exporting_weights():
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from dsopt.ir import Module
+    from dsopt.pass_infra import verify_model, verify_module
+
+    weight = np.ones((64, 32, 3, 3), np.float32)  # 73 KB: stubbed in the structure proto
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 6, 6])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    module = Module.from_proto(model)
+    structure = module.structure_proto()
+    assert not structure.graph.initializer and structure.ByteSize() < 2000
+    assert verify_module(module) is None is verify_model(model)
+    # a wrong output shape is found on the structure too, as on the full model
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 63
+    assert verify_module(Module.from_proto(model)) == verify_model(model) is not None
+    # a weight whose data does not fill its dims is found without the checker seeing it
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 64
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    assert "declares dims [64, 32, 3, 3]" in verify_module(Module.from_proto(model))

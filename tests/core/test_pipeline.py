@@ -64,3 +64,14 @@ def test_config_files(tmp_path):
     (tmp_path / "dsopt.toml").write_text("target = [\n")
     with pytest.raises(UsageError, match="not valid TOML"):
         load_config(tmp_path / "dsopt.toml")
+
+
+def test_default_names_the_default_pipeline_inside_pipeline_text():
+    from dsopt.pipeline import DEFAULT_PIPELINE, parse_pipeline
+
+    pipeline = parse_pipeline("legalize-quantized,default,eliminate-dead")
+    assert pipeline.names() == [
+        "legalize-quantized",
+        *parse_pipeline(DEFAULT_PIPELINE).names(),
+        "eliminate-dead",
+    ]
