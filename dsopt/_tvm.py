@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ __all__ = [
     "import_onnx",
     "load_and_run",
     "make_target",
+    "tune",
+    "tuning_database_dir",
     "unsupported_ops",
     "versions",
 ]
@@ -206,19 +209,237 @@ def import_onnx(
         ) from e
 
 
-def _cpu_schedule_pipeline(target: Any) -> Any:
-    """The default CPU pipeline plus dlight's CPU rules (GEMV, Reduction) after legalization."""
+# -- Default CPU schedules ----------------------------------------------------------------------
+# Untuned TVM emits one scalar loop nest per fused PrimFunc. The rules below schedule the hot ones
+# with `tvm.s_tir.Schedule` after FuseOps/FuseTIR: a register-tiled, vectorized outer product for
+# contractions (conv2d in all its forms, matmul, pooling) and vectorized loops for big injective
+# functions. A function no rule fits, or whose scheduling raises, stays as TVM built it.
+
+#: Work (loop iterations of the main block) below which a loop stays on one thread: TVM's thread
+#: pool splits a parallel loop statically, and waking it costs more than small kernels take.
+_CPU_PARALLEL_MIN_WORK = 1 << 22
+#: Elements of an injective function below which it is left to LLVM's auto-vectorizer.
+_CPU_INJECTIVE_MIN = 1 << 16
+
+
+def _cpu_vector_config(target: Any) -> tuple[int, int]:
+    """(fp32 lanes per vector register, accumulator registers a micro-kernel may hold)."""
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith(("aarch64", "arm")):
+        return 4, 24  # NEON: 128-bit, 32 registers
+    return 8, 12  # AVX2: 256-bit, 16 registers (AVX-512 machines run these tiles too)
+
+
+def _cpu_extent(node: Any) -> int:
+    return int(node.dom.extent)
+
+
+def _cpu_pick_vector_tile(extent: int, lanes: int) -> int:
+    """The tile along the vector axis: the whole axis when short, else a divisor, 2 vectors first.
+
+    An axis with no divisor of at least half a vector gets 2 vectors and a guarded remainder.
+    """
+    if extent <= 2 * lanes:
+        return extent
+    for factor in (2 * lanes, lanes):
+        if extent % factor == 0:
+            return factor
+    best = max(d for d in range(1, 2 * lanes + 1) if extent % d == 0)
+    return best if best >= lanes // 2 else 2 * lanes
+
+
+def _cpu_pick_block_tile(extent: int, limit: int) -> int:
+    """The largest divisor of `extent` not above `limit` (rows of the register tile)."""
+    return next(f for f in range(max(1, min(limit, extent)), 0, -1) if extent % f == 0)
+
+
+def _cpu_schedule_contraction(sch: Any, blocks: list[Any], main: Any, target: Any) -> bool:
+    """Conv2d (plain, grouped, depthwise, dilated), matmul, pooling: one reduction block.
+
+    The output's last spatial axis (conv width, matmul N) is tiled and vectorized; an axis that a
+    vector-invariant operand depends on (output channels, matmul M) gives the rows of the
+    register tile; reduction loops sit between the outer tile loops and the tile, small ones
+    unrolled. The elementwise epilogue is inlined and computed per tile, so the accumulator tile
+    stays in registers, and the outer loops run in parallel when the work is big.
+    """
+    from tvm import tirx
+    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+    lanes, registers = _cpu_vector_config(target)
+    block = sch.get(main)
+    iters = list(block.iter_vars)
+    loops = sch.get_loops(main)
+    if len(loops) != len(iters) or len(block.writes) != 1:
+        return False
+    spatial = [i for i, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.DataPar]
+    reduce = [i for i, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce]
+    if len(spatial) + len(reduce) != len(iters) or not reduce or not spatial:
+        return False
+    index = {iv.var: i for i, iv in enumerate(iters)}
+
+    def used(region: Any) -> set[int]:
+        found: set[Any] = set()
+        for r in region:
+            found |= collect_vars_used_in_prim_expr(r.min)
+        return {index[v] for v in found if v in index}
+
+    out_axes = [used([r]) for r in block.writes[0].region]
+    # The vector axis: the last output axis that is a plain spatial iterator longer than 1.
+    vec = next(
+        (
+            next(iter(axes))
+            for axes in reversed(out_axes)
+            if len(axes) == 1 and _cpu_extent(iters[next(iter(axes))]) > 1
+        ),
+        None,
+    )
+    if vec is None:
+        return False
+    position = {next(iter(a)): p for p, a in enumerate(out_axes) if len(a) == 1}
+    rows = None
+    for read in block.reads:
+        axes = used(read.region)
+        candidates = [i for i in axes if i in spatial and i != vec and _cpu_extent(iters[i]) > 1]
+        if vec not in axes and candidates:
+            rows = max(candidates, key=lambda i: position.get(i, -1))
+            break
+    vec_tile = _cpu_pick_vector_tile(_cpu_extent(iters[vec]), lanes)
+    vectors = -(-vec_tile // lanes)
+    vec_outer, vec_inner = sch.split(loops[vec], [None, vec_tile])
+    tile_loops = [vec_inner]
+    if rows is not None:
+        row_tile = _cpu_pick_block_tile(_cpu_extent(iters[rows]), registers // vectors)
+        row_outer, row_inner = sch.split(loops[rows], [None, row_tile])
+        tile_loops.insert(0, row_inner)
+    outer = [vec_outer if i == vec else row_outer if i == rows else loops[i] for i in spatial]
+    reductions = [loops[i] for i in reduce]
+    sch.reorder(*outer, *reductions, *tile_loops)
+    # The epilogue: inline the elementwise chain, compute its last block per tile.
+    later = blocks[blocks.index(main) + 1 :]
+    for epilogue in later[:-1]:
+        sch.compute_inline(epilogue)
+    consumer = later[-1] if later else sch.cache_write(main, 0, "global")
+    sch.reverse_compute_at(consumer, outer[-1], preserve_unit_loops=True)
+    work = 1
+    for iv in iters:
+        work *= _cpu_extent(iv)
+    if work >= _CPU_PARALLEL_MIN_WORK and len(outer) > 1:
+        sch.parallel(sch.fuse(*outer[:-1]))
+    for loop in reductions[1:]:
+        extent = sch.get(loop).extent
+        if isinstance(extent, tirx.IntImm) and int(extent) <= 7:
+            sch.unroll(loop)
+    if len(tile_loops) > 1:
+        sch.unroll(tile_loops[0])
+    sch.vectorize(vec_inner)
+    init = sch.decompose_reduction(main, reductions[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    consumer_loops = sch.get_loops(consumer)[len(outer) :]
+    if consumer_loops:
+        sch.vectorize(consumer_loops[-1])
+    return True
+
+
+def _cpu_schedule_injective(sch: Any, blocks: list[Any], target: Any) -> bool:
+    """A big elementwise/injective function: inlined into its last block, vectorized, parallel."""
+    lanes, _ = _cpu_vector_config(target)
+    for block in blocks[:-1]:
+        sch.compute_inline(block)
+    last = blocks[-1]
+    loops = sch.get_loops(last)
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    total = 1
+    for extent in extents:
+        total *= extent
+    if total < _CPU_INJECTIVE_MIN or not loops:
+        return False
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if total % lanes:
+        return False
+    outer, inner = sch.split(fused, [None, lanes])
+    sch.vectorize(inner)
+    if total >= _CPU_PARALLEL_MIN_WORK:
+        sch.parallel(outer)
+    return True
+
+
+def _cpu_schedule_func(func: Any, target: Any) -> Any | None:
+    """The function scheduled by the first rule that fits it, or None when none does."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    if not blocks:
+        return None
+    is_reduction = [
+        any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(b).iter_vars) for b in blocks
+    ]
+    done = False
+    if sum(is_reduction) == 1:
+        done = _cpu_schedule_contraction(sch, blocks, blocks[is_reduction.index(True)], target)
+    elif not any(is_reduction):
+        done = _cpu_schedule_injective(sch, blocks, target)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True) if done else None
+
+
+def _cpu_schedule_pass(target: Any, stats: dict[str, int] | None = None) -> Any:
+    """A module pass scheduling the fused PrimFuncs for a CPU target (counts into `stats`).
+
+    `stats` gets `scheduled` (a rule applied), `fallback` (a rule failed: the function stays
+    unscheduled) and `skipped` (no rule fits: small or unusual functions).
+    """
+    tvm = _load()
+    from tvm import tirx
+
+    counts = stats if stats is not None else {}
+    for key in ("scheduled", "fallback", "skipped"):
+        counts.setdefault(key, 0)
+
+    @tvm.transform.module_pass(opt_level=0, name="DsoptCPUSchedule")
+    def schedule(mod: Any, ctx: Any) -> Any:
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", 0):
+                continue
+            try:
+                new = _cpu_schedule_func(func, target)
+            except Exception as e:  # noqa: BLE001 - any schedule error: keep the function
+                logger.debug("CPU schedule of %s fell back: %s", gvar.name_hint, _first_line(e))
+                counts["fallback"] += 1
+                continue
+            if new is None:
+                counts["skipped"] += 1
+            else:
+                updates[gvar] = new
+                counts["scheduled"] += 1
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return schedule
+
+
+def _cpu_pipeline(target: Any, schedules: str, stats: dict[str, int] | None = None) -> Any:
+    """TVM's CPU pipeline with a schedule pass after legalization and fusion.
+
+    `schedules`: "dsopt" (this section's rules) or "dlight" (dlight's CPU GEMV/Reduction).
+    """
     tvm = _load()
     from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.s_tir import dlight
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: Any, ctx: Any) -> Any:
         with target:
+            if schedules == "dlight":
+                from tvm.s_tir import dlight
+
+                scheduler = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())
+            else:
+                scheduler = _cpu_schedule_pass(target, stats)
             passes = [
                 *cpu.library_dispatch_passes(target),
                 *cpu.legalize_passes(target),
-                dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction()),
+                scheduler,
                 *cpu.dataflow_lower_passes(target),
                 *cpu.finalize_passes(target),
             ]
@@ -227,14 +448,25 @@ def _cpu_schedule_pipeline(target: Any) -> Any:
     return pipeline
 
 
-def build(mod: Any, target_config: Mapping[str, Any], opt: Mapping[str, Any] | None = None) -> Any:
+# -- Build --------------------------------------------------------------------------------------
+def build(
+    mod: Any,
+    target_config: Mapping[str, Any],
+    opt: Mapping[str, Any] | None = None,
+    *,
+    stats: dict[str, int] | None = None,
+) -> Any:
     """Compiles a Relax module for a target with fusion (and dsopt's CPU schedules).
 
     Args:
         mod: The IRModule from `import_onnx`.
         target_config: The TVM target in dict form (a nested `host` dict for GPUs).
-        opt: `schedules`: "dlight" adds dlight's CPU rules on llvm targets, "none" leaves the
-            default fused pipeline; `target_name` for messages.
+        opt: `schedules` on llvm targets: "dsopt" (dsopt's default CPU schedules), "dlight"
+            (dlight's CPU rules) or "none" (TVM's unscheduled fused pipeline); `target_name`
+            for messages; `tuning_database`: a folder written by `tune`, whose schedules
+            replace the default ones of the functions it has.
+        stats: Filled with the schedule counts (`scheduled`, `fallback`, `skipped`) for "dsopt",
+            and `tuned` (functions scheduled from the tuning database).
 
     Returns:
         The `tvm.runtime.Executable`.
@@ -247,12 +479,19 @@ def build(mod: Any, target_config: Mapping[str, Any], opt: Mapping[str, Any] | N
 
     opt = dict(opt or {})
     name = opt.get("target_name", "?")
+    schedules = opt.get("schedules", "none")
     target = make_target(target_config)
-    if target.kind.name == "llvm" and opt.get("schedules", "none") == "dlight":
-        pipeline = _cpu_schedule_pipeline(target)
+    if target.kind.name == "llvm" and schedules in ("dsopt", "dlight"):
+        pipeline = _cpu_pipeline(target, schedules, stats)
+    elif target.kind.name == "cuda":
+        pipeline = _cuda_pipeline(target)
     else:
         pipeline = relax.get_default_pipeline(target)
     try:
+        if opt.get("tuning_database"):
+            mod, tuned = _apply_tuning(mod, target, opt["tuning_database"])
+            if stats is not None:
+                stats["tuned"] = tuned
         return tvm.compile(mod, target=target, relax_pipeline=pipeline)
     except Exception as e:  # noqa: BLE001 - TVM raises assorted types; quoted to the user
         raise LoweringError(f"target '{name}': TVM failed to compile: {_first_line(e)}") from e
@@ -282,6 +521,242 @@ def export(executable: Any, path: Path, cross_compiler: str | None = None) -> Pa
     except Exception as e:  # noqa: BLE001 - linker failures come as assorted types
         raise LoweringError(f"cannot write {path.name}: {_first_line(e)}") from e
     return path
+
+
+# -- CUDA ---------------------------------------------------------------------------------------
+# TVM 0.27 wheels without a CUDA runtime keep each CUDA module as source (format "cuda"); the
+# device's runtime compiles it when the library loads (`tvm_callback_cuda_compile`). With nvcc
+# at build time dsopt compiles the source itself and rewrites the module's serialized payload
+# (format, function table, code) to format "cubin" before linking, so the device loads SASS.
+
+
+def _cuda_compile_mode() -> None:
+    """Uses nvcc for TVM's CUDA JIT (its default, nvrtc, needs the `cuda-bindings` package)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("cuda.bindings") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+
+
+def _import_cuda_intrinsics() -> None:
+    """Imports TVM's CUDA tensor intrinsics, which dlight's Matmul rule needs for Tensor Cores.
+
+    The module parses hundreds of TVMScript functions, each calling `inspect.stack()` (which
+    reads the source line of every frame); without that context the import is ~3x faster.
+    """
+    if "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+        return
+    import inspect
+
+    stack = inspect.stack
+    inspect.stack = lambda context=1: stack(0)  # type: ignore[assignment]
+    try:
+        import tvm.s_tir.tensor_intrin.cuda  # noqa: F401
+    finally:
+        inspect.stack = stack  # type: ignore[assignment]
+
+
+def _cuda_pipeline(target: Any) -> Any:
+    """TVM's CUDA pipeline with dlight's GPU rules after fusion (Matmul gives Tensor Cores)."""
+    tvm = _load()
+    from tvm.relax import transform as relax_transforms
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight
+
+    _cuda_compile_mode()
+    _import_cuda_intrinsics()
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod: Any, ctx: Any) -> Any:
+        with target:
+            passes = [
+                *cuda.library_dispatch_passes(target),
+                relax_transforms.LegalizeOps(),
+                relax_transforms.AnnotateTIROpPattern(),
+                relax_transforms.FoldConstant(),
+                relax_transforms.FuseOps(),
+                relax_transforms.FuseTIR(),
+                dlight.ApplyDefaultSchedule(
+                    dlight.gpu.Matmul(),
+                    dlight.gpu.GEMV(),
+                    dlight.gpu.Reduction(),
+                    dlight.gpu.GeneralReduction(),
+                    dlight.gpu.Fallback(),
+                ),
+                *cuda.dataflow_lower_passes(target),
+                *cuda.finalize_passes(target),
+            ]
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
+
+
+def _u64(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 8], "little")
+
+
+def _split_blob(blob: bytes) -> tuple[bytes, list[tuple[str, bytes | None]]] | None:
+    """The packed-imports blob as (import tree bytes, [(kind, payload)]); None if unexpected.
+
+    Layout (tvm-ffi 0.1.14): u64 size of the rest, the import tree (two u64 vectors), then
+    per module its kind (u64 length + bytes) and, except for the host library `_lib`, its
+    payload (u64 length + bytes).
+    """
+    if len(blob) < 8 or _u64(blob, 0) != len(blob) - 8:
+        return None
+    at = 8
+    for _ in range(2):
+        count = _u64(blob, at)
+        at += 8 + 8 * count
+        if at > len(blob):
+            return None
+    head = blob[8:at]
+    modules: list[tuple[str, bytes | None]] = []
+    while at < len(blob):
+        size = _u64(blob, at)
+        kind = blob[at + 8 : at + 8 + size]
+        at += 8 + size
+        if not kind.isascii() or at > len(blob):
+            return None
+        payload = None
+        if kind != b"_lib":
+            size = _u64(blob, at)
+            payload = blob[at + 8 : at + 8 + size]
+            at += 8 + size
+            if at > len(blob):
+                return None
+        modules.append((kind.decode(), payload))
+    return head, modules
+
+
+def _join_blob(head: bytes, modules: Sequence[tuple[str, bytes | None]]) -> bytes:
+    body = bytearray(head)
+    for kind, payload in modules:
+        body += len(kind).to_bytes(8, "little") + kind.encode()
+        if payload is not None:
+            body += len(payload).to_bytes(8, "little") + payload
+    return len(body).to_bytes(8, "little") + bytes(body)
+
+
+def _cuda_payload(payload: bytes) -> tuple[str, bytes, bytes]:
+    """A CUDA module payload as (format, function table bytes, code)."""
+    size = _u64(payload, 0)
+    fmt = payload[8 : 8 + size].decode()
+    # The function table is opaque here; the code is the last field, so its length prefix is
+    # the first u64 that counts exactly the bytes after it.
+    for start in range(8 + size, len(payload) - 7):
+        if _u64(payload, start) == len(payload) - start - 8:
+            return fmt, payload[8 + size : start], payload[start + 8 :]
+    raise ValueError("no code field")
+
+
+def _compile_cuda_blob(executable: Any, arch: str) -> tuple[bytes | None, str]:
+    """The packed imports with every CUDA source module compiled to a cubin for `arch`.
+
+    Returns:
+        (blob, code): blob None when nothing changed; code "cubin" (compiled here or by TVM
+        already) or "source-jit" (no nvcc, or a layout this version does not know).
+    """
+    tvm = _load()
+    from tvm.support import nvcc
+
+    tensor = tvm.get_global_func("runtime.ModulePackImportsToTensor")(executable.mod)
+    split = _split_blob(bytes(tensor.numpy().tobytes()))
+    if split is None:
+        logger.warning("unknown TVM library layout: CUDA kernels stay source (compiled at load)")
+        return None, "source-jit"
+    head, modules = split
+    formats = []
+    changed = False
+    for index, (kind, payload) in enumerate(modules):
+        if kind != "cuda" or payload is None:
+            continue
+        fmt, table, code = _cuda_payload(payload)
+        if fmt == "cuda" and shutil.which("nvcc"):
+            with make_target({"kind": "cuda", "arch": arch}):
+                cubin = nvcc.compile_cuda(
+                    code.decode(), target_format="cubin", arch=arch, compiler="nvcc"
+                )
+            fmt, code = "cubin", bytes(cubin)
+            payload = len(fmt).to_bytes(8, "little") + fmt.encode() + table
+            payload += len(code).to_bytes(8, "little") + code
+            modules[index] = (kind, payload)
+            changed = True
+        formats.append("source-jit" if fmt == "cuda" else "cubin")
+    code_kind = "source-jit" if not formats or "source-jit" in formats else "cubin"
+    return (_join_blob(head, modules) if changed else None), code_kind
+
+
+def _pack_blob(blob: bytes, linked: bool) -> Any:
+    """An `fpack_imports` for export_library that writes `blob` as `__tvm_ffi__library_bin`."""
+
+    def pack(module: Any, is_system_lib: bool, prefix: str, workspace: str) -> str:
+        symbol = f"{prefix}__tvm_ffi__library_bin"
+        if linked:  # assembler .incbin: fast for big weights, works with any GNU toolchain
+            data = Path(workspace, "devc.bin")
+            data.write_bytes(blob)
+            path = Path(workspace, "devc.S")
+            path.write_text(
+                f"  .section .rodata\n  .globl {symbol}\n  .type {symbol}, %object\n"
+                f'  .balign 16\n{symbol}:\n  .incbin "{data}"\n'
+                f"  .size {symbol}, {len(blob)}\n"
+                '  .section .note.GNU-stack,"",%progbits\n'
+            )
+            return str(path)
+        path = Path(workspace, "devc.c")
+        rows = ",\n".join(
+            ",".join(str(b) for b in blob[i : i + 32]) for i in range(0, len(blob), 32)
+        )
+        path.write_text(
+            f'#ifdef __cplusplus\nextern "C" {{\n#endif\n'
+            f"extern const unsigned char {symbol}[];\n"
+            f"const unsigned char {symbol}[{len(blob)}] = {{\n{rows}\n}};\n"
+            "#ifdef __cplusplus\n}\n#endif\n"
+        )
+        return str(path)
+
+    return pack
+
+
+def export_cuda(
+    executable: Any, path: Path, arch: str, cross_compiler: str | None = None
+) -> dict[str, str]:
+    """Exports a CUDA executable like `export`, its kernels compiled ahead of time if possible.
+
+    With `nvcc` on PATH the CUDA C source of each kernel module becomes a cubin for `arch`
+    embedded in the library (the device needs no compiler); without it the library keeps the
+    source and TVM's runtime compiles it when the library is loaded on the device.
+
+    Returns:
+        The manifest's `cuda` entry: `{"arch": "sm_80", "code": "cubin" | "source-jit"}`.
+
+    Raises:
+        LoweringError: nvcc or the linker fails.
+    """
+    try:
+        blob, code = _compile_cuda_blob(executable, arch)
+    except Exception as e:  # noqa: BLE001 - nvcc failures come as RuntimeError and others
+        raise LoweringError(
+            f"nvcc cannot compile the CUDA kernels for {arch}: {_first_line(e)}",
+            hint="remove nvcc from PATH to ship CUDA source compiled on the device",
+        ) from e
+    if blob is None:
+        export(executable, path, cross_compiler)
+        return {"arch": arch, "code": code}
+    kwargs: dict[str, Any] = {"fpack_imports": _pack_blob(blob, path.suffix == ".so")}
+    if cross_compiler and path.suffix == ".so":
+        from tvm.support import cc
+
+        kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
+    try:
+        executable.export_library(str(path), **kwargs)
+    except Exception as e:  # noqa: BLE001 - linker failures come as assorted types
+        raise LoweringError(f"cannot write {path.name}: {_first_line(e)}") from e
+    return {"arch": arch, "code": code, "compiler": "nvcc"}
 
 
 def cuda_source(executable: Any) -> str:
@@ -338,3 +813,461 @@ def load_and_run(
     if isinstance(result, (tvm.runtime.Tensor, tvm_ffi.Shape)):
         return [_to_numpy(result)]
     return [_to_numpy(item) for item in result]
+
+
+# -- Tuning (MetaSchedule) ----------------------------------------------------------------------
+# `tune` runs TVM MetaSchedule on the fused PrimFuncs within a wall-clock budget and keeps the best
+# schedule of each in a JSON database (one folder per TVM target, reused across runs: workloads
+# with records are not tuned again); `build(..., {"tuning_database": DIR})` applies it, and
+# dsopt's default schedules cover the functions the database lacks.
+
+#: Trials per batch (one evolutionary-search round per task); the deadline is checked between.
+_TUNE_TRIALS_PER_ITER = 8
+#: Default cap of trials per task (the time budget usually ends tuning first).
+_TUNE_MAX_TRIALS_PER_TASK = 256
+#: The evolutionary search's population per trial of a batch (TVM's 512 per batch takes
+#: minutes per round on a small CPU), and its bounds.
+_TUNE_POPULATION_PER_TRIAL = 16
+_TUNE_POPULATION_BOUNDS = (32, 512)
+#: Seconds an RPC session may take (upload, load, run) before the trial counts as failed.
+_TUNE_RPC_TIMEOUT = 60
+#: `num-cores` of a board tuned through RPC whose TVM target does not say.
+_TUNE_RPC_CORES = 4
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def tuning_database_dir(target_config: Mapping[str, Any]) -> Path:
+    """The default tuning database of a TVM target: `~/.cache/dsopt/tune/<target hash>/`."""
+    import hashlib
+    import json
+
+    text = json.dumps(dict(target_config), sort_keys=True, default=str)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "dsopt" / "tune" / hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _import_tensor_intrinsics() -> None:
+    """Imports TVM's tensor intrinsics (MetaSchedule needs them) about 6x faster.
+
+    The package parses hundreds of TVMScript functions, each calling `inspect.stack()`, which
+    looks up the module of every frame (a scan of `sys.modules` per `<frozen importlib>` frame:
+    over a minute on a small CPU). The parser only uses the frames and their source lines.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    import inspect
+    import linecache
+
+    def stack(context: int = 1) -> list[inspect.FrameInfo]:
+        frame = sys._getframe(1)
+        frames = []
+        while frame is not None:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno) if context > 0 else ""
+            frames.append(
+                inspect.FrameInfo(
+                    frame,
+                    code.co_filename,
+                    frame.f_lineno,
+                    code.co_name,
+                    [line] if line else None,
+                    0 if line else None,
+                )
+            )
+            frame = frame.f_back
+        return frames
+
+    original = inspect.stack
+    inspect.stack = stack  # type: ignore[assignment]
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original  # type: ignore[assignment]
+
+
+def _fuse_for_tuning(mod: Any, target: Any) -> Any:
+    """The module after library dispatch, legalization and fusion: the functions to tune.
+
+    The same passes start every build pipeline, so the fused functions (and so the database
+    keys) of `tune` and `build` agree.
+    """
+    tvm = _load()
+    from tvm import relax
+
+    with target:
+        passes = [
+            *relax.pipeline.library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _apply_tuning(mod: Any, target: Any, database_dir: str | os.PathLike[str]) -> tuple[Any, int]:
+    """The fused module with the database's schedules applied, and how many functions got one."""
+    tvm = _load()
+    from tvm import relax, tirx
+    from tvm.s_tir import meta_schedule as ms
+
+    fused = _fuse_for_tuning(mod, target)
+    database = ms.database.JSONDatabase(work_dir=str(database_dir), allow_missing=False)
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        tuned = relax.transform.MetaScheduleApplyDatabase()(fused)
+    applied = sum(
+        1
+        for _, func in tuned.functions_items()
+        if isinstance(func, tirx.PrimFunc) and func.attrs.get("tirx.is_scheduled", 0)
+    )
+    return tuned, applied
+
+
+def _tune_build(mod: Any, target: Any, _params: Any) -> Any:
+    """Builds one trial (in a MetaSchedule worker) without importing TVM's tensor intrinsics.
+
+    TVM's default build imports them in every fresh worker process, which takes longer than a
+    build's timeout on a small CPU; a tensorized trial already holds its intrinsics.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _tune_export(rt_mod: Any, linker: str | None = None) -> str:
+    """Writes one trial for the runner, in a worker: a shared library, or objects to link.
+
+    `linker`: None links with the host's compiler, `tar` writes objects (the device links
+    them), anything else is the cross compiler driver that links for the device.
+    """
+    import tempfile
+
+    from tvm.support import cc, tar
+
+    folder = tempfile.mkdtemp(prefix="dsopt-trial-")
+    if linker == "tar":
+        path = os.path.join(folder, "trial.tar")
+        rt_mod.export_library(path, fcompile=tar.tar)
+        return path
+    path = os.path.join(folder, "trial.so")
+    kwargs = {"fcompile": cc.cross_compiler(linker)} if linker else {}
+    rt_mod.export_library(path, **kwargs)
+    return path
+
+
+@contextlib.contextmanager
+def _worker_environment(cuda: bool) -> Any:
+    """Environment of MetaSchedule's worker processes while tuning.
+
+    They import tvm, whose tvm_ffi imports torch eagerly when installed (8-12 s per worker here,
+    and the builder starts new workers for every batch): a `torch` that fails to import is put
+    first on their PYTHONPATH. CUDA builds use nvcc unless `cuda-bindings` is installed.
+    """
+    import tempfile
+
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TVM_CUDA_COMPILE_MODE")}
+    with tempfile.TemporaryDirectory(prefix="dsopt-tune-") as shim:
+        Path(shim, "torch.py").write_text(
+            'raise ImportError("dsopt hides torch from TVM workers")\n'
+        )
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shim, saved["PYTHONPATH"]) if p)
+        if cuda:
+            _cuda_compile_mode()
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _timed_scheduler(deadline: float, batches: list[float]) -> Any:
+    """A round-robin task scheduler that starts no batch it expects to end after `deadline`.
+
+    The expected length of a batch is the mean of the last three (search, build, run); the
+    first batch always starts. `batches` receives the measured lengths.
+    """
+    import time
+
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class DeadlineRoundRobin(ms.task_scheduler.PyTaskScheduler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last = -1
+            self.started: float | None = None
+
+        def next_task_id(self) -> int:
+            outer = self._outer()
+            now = time.monotonic()
+            if self.started is not None:
+                batches.append(now - self.started)
+            count = len(outer.tasks_)
+            for task_id in range(count):
+                outer.touch_task(task_id)
+            recent = batches[-3:]
+            expected = sum(recent) / len(recent) if recent else 0.0
+            if now + expected > deadline:
+                return -1
+            for _ in range(count):
+                self.last = (self.last + 1) % count
+                task = outer.tasks_[self.last]
+                if not task.is_terminated:
+                    if task.runner_futures is not None:
+                        outer.join_running_task(self.last)
+                    self.started = time.monotonic()
+                    return self.last
+            return -1
+
+    return DeadlineRoundRobin()
+
+
+def _trial_counter(trials: list[int], failed: list[int]) -> Any:
+    """A measure callback counting trials and failed trials per task."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class CountTrials(ms.measure_callback.PyMeasureCallback):
+        def apply(self, scheduler, task_id, candidates, builder_results, runner_results):  # noqa: D102, ANN001, ANN201
+            for built, ran in zip(builder_results, runner_results, strict=True):
+                trials[task_id] += 1
+                failed[task_id] += bool(built.error_msg or ran.error_msg)
+
+    return CountTrials()
+
+
+def _tune_contexts(tasks: Sequence[Any], target: Any, per_iter: int, threads: int) -> list[Any]:
+    """MetaSchedule tuning contexts: post-order-apply spaces, a population sized to the batch."""
+    from tvm.s_tir import meta_schedule as ms
+
+    low, high = _TUNE_POPULATION_BOUNDS
+    population = max(low, min(high, _TUNE_POPULATION_PER_TRIAL * per_iter))
+    return [
+        ms.TuneContext(
+            mod=task.dispatched[0],
+            target=target,
+            space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=population,
+                init_min_unmeasured=population // 4,
+                genetic_num_iters=2,
+            ),
+            task_name=task.task_name,
+            logger=logging.getLogger("dsopt.tune"),
+            rand_state=index + 1,
+            num_threads=threads,
+        ).clone()
+        for index, task in enumerate(tasks)
+    ]
+
+
+def _rpc_config(rpc: Mapping[str, Any]) -> Any:
+    """MetaSchedule's RPC settings, once the tracker has a server with the key.
+
+    Raises:
+        UsageError: The tracker is unreachable or no server registered the key.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from dsopt.errors import UsageError
+
+    config = ms.runner.RPCConfig(
+        tracker_host=rpc["host"],
+        tracker_port=int(rpc["port"]),
+        tracker_key=rpc["key"],
+        session_timeout_sec=_TUNE_RPC_TIMEOUT,
+    )
+    try:
+        config.count_num_servers(allow_missing=False)
+    except Exception as e:  # noqa: BLE001 - tracker errors come as assorted types
+        raise UsageError(
+            f"--tune-rpc {rpc['host']}:{rpc['port']}:{rpc['key']}: no RPC server with key "
+            f"'{rpc['key']}' at that tracker ({_first_line(e)})",
+            hint="start the tracker, and `python -m tvm.exec.rpc_server --tracker HOST:PORT "
+            "--key KEY` on the device (README, 'Tuning on a device')",
+        ) from e
+    return config
+
+
+def _database_summary(database: Any, path: Path) -> dict[str, Any]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        file = path / name
+        digest.update(file.read_bytes() if file.is_file() else b"")
+    return {
+        "path": str(path.resolve()),
+        "records": len(database),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def tune(
+    mod: Any,
+    target_config: Mapping[str, Any],
+    *,
+    seconds: float,
+    database_dir: str | os.PathLike[str],
+    rpc: Mapping[str, Any] | None = None,
+    linker: str | None = None,
+    max_trials_per_task: int | None = None,
+    trials_per_iter: int | None = None,
+    target_name: str = "?",
+) -> dict[str, Any]:
+    """Tunes the fused functions of `mod` with MetaSchedule within `seconds` of wall-clock time.
+
+    Functions whose workload already has a record in the database are not tuned again. Tasks are
+    tuned round-robin, the most floating-point work first, in batches of `trials_per_iter`, and
+    no batch starts that would end after the budget (measured from the call).
+
+    Args:
+        mod: The IRModule from `import_onnx`.
+        target_config: The TVM target in dict form.
+        seconds: The wall-clock budget, start-up and search included.
+        database_dir: The JSON database folder (created if missing).
+        rpc: `{"host", "port", "key"}` of an RPC tracker whose servers run the trials; None
+            runs them on this machine.
+        linker: How each trial is linked: None (host compiler), a cross compiler driver such
+            as `aarch64-linux-gnu-g++`, or `tar` (objects the device links).
+        max_trials_per_task: Cap per task (default 256).
+        trials_per_iter: Trials per batch (default 8, at most the cap).
+        target_name: The dsopt target, for messages.
+
+    Returns:
+        The manifest's tuning record: budget, seconds, trials, tasks, database summary.
+
+    Raises:
+        UsageError: The RPC tracker is unreachable or has no server with the key.
+        LoweringError: MetaSchedule fails.
+    """
+    import time
+
+    from dsopt.errors import UsageError
+
+    started = time.monotonic()
+    deadline = started + seconds
+    tvm = _load()
+    from tvm.s_tir import meta_schedule as ms
+
+    config = dict(target_config)
+    if config.get("kind") == "llvm" and "num-cores" not in config:
+        # MetaSchedule sizes parallel loops by it; boards behind RPC are assumed quad-core.
+        config["num-cores"] = _physical_cores() if not rpc else _TUNE_RPC_CORES
+    target = make_target(config)
+    if not rpc and target.kind.name != "llvm" and not tvm.device(target.kind.name, 0).exist:
+        raise UsageError(
+            f"target '{target_name}' runs on {target.kind.name} devices and this machine has "
+            "none to measure trials on: tune with --tune-rpc HOST:PORT:KEY (README, 'Tuning')"
+        )
+    cap = max(1, int(max_trials_per_task or _TUNE_MAX_TRIALS_PER_TASK))
+    per_iter = max(1, min(int(trials_per_iter or _TUNE_TRIALS_PER_ITER), cap))
+    path = Path(database_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        fused = _fuse_for_tuning(mod, target)
+        extracted = list(ms.relax_integration.extract_tasks(fused, target))
+    except Exception as e:  # noqa: BLE001 - TVM raises assorted types; quoted to the user
+        raise LoweringError(
+            f"target '{target_name}': cannot extract tuning tasks: {_first_line(e)}"
+        ) from e
+    database = ms.database.JSONDatabase(work_dir=str(path))
+    todo, reused = [], []
+    for task in extracted:
+        workload = task.dispatched[0]
+        known = database.has_workload(workload) and database.get_top_k(
+            database.commit_workload(workload), 1
+        )
+        (reused if known else todo).append(task)
+    flops = {
+        id(t): float(tvm.s_tir.analysis.estimate_tir_flops(t.dispatched[0])) * int(t.weight)
+        for t in todo
+    }
+    todo.sort(key=lambda t: -flops[id(t)])
+    runner_text = "local"
+    if rpc:
+        runner_text = f"rpc {rpc['host']}:{rpc['port']} key {rpc['key']}"
+    record: dict[str, Any] = {
+        "budget_minutes": round(seconds / 60, 3),
+        "runner": runner_text,
+        "tasks": len(extracted),
+        "tasks_reused": len(reused),
+        "num_cores": config.get("num-cores"),
+    }
+    trials = [0] * len(todo)
+    failed = [0] * len(todo)
+    batches: list[float] = []
+    cost_model = None
+    if todo:
+        rpc_config = _rpc_config(rpc) if rpc else None
+        _import_tensor_intrinsics()
+        try:
+            import xgboost  # noqa: F401
+
+            cost_model = "xgb"
+        except ImportError:
+            cost_model = "random"
+            logger.info("xgboost is not installed: tuning uses a random cost model")
+        threads = os.cpu_count() or 1
+        contexts = _tune_contexts(todo, target, per_iter, threads)
+        with _worker_environment(target.kind.name == "cuda"):
+            try:
+                builder = ms.builder.LocalBuilder(
+                    max_workers=threads,
+                    f_build=_tune_build,
+                    f_export=functools.partial(_tune_export, linker=linker),
+                    timeout_sec=60,
+                )
+                if rpc_config is not None:
+                    runner = ms.runner.RPCRunner(rpc_config=rpc_config)
+                else:
+                    runner = ms.runner.LocalRunner(timeout_sec=60)
+                ms.tune.tune_tasks(
+                    tasks=contexts,
+                    task_weights=[float(t.weight) for t in todo],
+                    work_dir=str(path),
+                    max_trials_global=cap * len(todo),
+                    max_trials_per_task=cap,
+                    num_trials_per_iter=per_iter,
+                    builder=builder,
+                    runner=runner,
+                    database=database,
+                    cost_model=ms.cost_model.CostModel.create(cost_model, num_tuning_cores=threads),
+                    measure_callbacks=[
+                        *ms.measure_callback.MeasureCallback.create("default"),
+                        _trial_counter(trials, failed),
+                    ],
+                    task_scheduler=_timed_scheduler(deadline, batches),
+                )
+            except Exception as e:  # noqa: BLE001 - TVM raises assorted types; quoted to the user
+                raise LoweringError(
+                    f"target '{target_name}': MetaSchedule tuning failed: {_first_line(e)}"
+                ) from e
+    record.update(
+        {
+            "seconds": round(time.monotonic() - started, 3),
+            "trials": sum(trials),
+            "failed_trials": sum(failed),
+            "tasks_tuned": sum(1 for n, f in zip(trials, failed, strict=True) if n > f),
+            "trials_per_iter": per_iter,
+            "max_trials_per_task": cap,
+            "cost_model": cost_model,
+            "database": _database_summary(database, path),
+        }
+    )
+    return record

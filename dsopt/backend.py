@@ -18,12 +18,15 @@ from dsopt.errors import NotRunnableHere, UsageError
 from dsopt.ir import Module
 
 __all__ = [
+    "TVM_PIPELINE",
     "Artifact",
     "Target",
     "lower_tvm",
+    "parse_tune_rpc",
     "run_library",
     "run_onnx",
     "static_model",
+    "tune_settings",
     "write_onnx",
 ]
 
@@ -69,6 +72,11 @@ def run_onnx(outdir: Path, manifest: Mapping[str, Any], feeds: Feeds) -> dict[st
     return numerics.run_model(_artifact(outdir, manifest, "model"), dict(feeds), label="model")
 
 
+#: Default pipeline of the TVM targets: quantized ops spelled in ops TVM's importer takes
+#: (a no-op on float models), then the lossless default pipeline.
+TVM_PIPELINE = "legalize-quantized,default"
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A hardware/runtime target, declared as data.
@@ -87,7 +95,8 @@ class Target:
             `objects` (a `.tar` of objects to link for the device).
         cross_compiler: C++ compiler driver that links for the device, e.g.
             `aarch64-linux-gnu-g++`.
-        schedules: CPU schedules added to TVM's fused pipeline: `none` or `dlight`.
+        schedules: CPU schedules added to TVM's fused pipeline: `dsopt` (dsopt's default
+            rules), `dlight` (TVM's CPU GEMV/Reduction rules) or `none`.
         pipeline: Default pass pipeline text for this target.
         precisions: Precisions the target runs, with relative cost (lower is faster).
         fused_ops: Non-standard ops (`domain::Op`, e.g. `com.microsoft::FusedConv`) its runtime
@@ -236,6 +245,117 @@ def _unlinked_note(target: Target) -> str:
     )
 
 
+#: CPU schedule sets `lower_tvm` applies (option `schedules` overrides the target's).
+_SCHEDULES = ("dsopt", "dlight", "none")
+
+
+# -- Tuning --------------------------------------------------------------------------------------
+def parse_tune_rpc(text: str) -> dict[str, Any]:
+    """`HOST:PORT:KEY` (an RPC tracker and the key its device servers registered) as a dict.
+
+    Raises:
+        UsageError: The text is not of that form.
+    """
+    parts = str(text).split(":")
+    port = parts[1] if len(parts) == 3 else ""
+    if len(parts) != 3 or not parts[0] or not parts[2] or not port.isdigit():
+        raise UsageError(
+            f"--tune-rpc {text!r}: expected HOST:PORT:KEY (the RPC tracker's host and port, and "
+            "the key the device servers registered), e.g. 127.0.0.1:9190:rpi4"
+        )
+    if not 0 < int(port) < 65536:
+        raise UsageError(f"--tune-rpc {text!r}: port {port} is outside 1..65535")
+    return {"host": parts[0], "port": int(port), "key": parts[2]}
+
+
+def tune_settings(tune: Mapping[str, Any] | None, target: Target) -> dict[str, Any] | None:
+    """Checks `compile(tune=...)` for a target before any work; None when not tuning.
+
+    Keys: `minutes` (the budget, required), `db` (database folder; default per TVM target under
+    ~/.cache/dsopt/tune), `rpc` (`HOST:PORT:KEY` or a dict: trials run on the tracker's boards),
+    `trials` (at most this many trials per function), `trials_per_iter` (batch size).
+
+    Raises:
+        UsageError: A bad value, a non-TVM target, or trials that cannot run here without RPC.
+    """
+    if not tune:
+        return None
+    settings = dict(tune)
+    unknown = set(settings) - {"minutes", "db", "rpc", "trials", "trials_per_iter"}
+    if unknown:
+        raise UsageError(f"unknown tuning settings: {', '.join(sorted(unknown))}")
+    minutes = settings.get("minutes")
+    if minutes is None:
+        raise UsageError("--tune-db, --tune-rpc and --tune-trials need --tune-minutes N")
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0:
+        raise UsageError(f"--tune-minutes {minutes!r}: give a positive number of minutes")
+    for key in ("trials", "trials_per_iter"):
+        value = settings.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise UsageError(f"tuning setting {key}={value!r}: give a positive whole number")
+    if target.tvm is None:
+        raise UsageError(
+            f"target '{target.name}' is not compiled by TVM: --tune-minutes applies to TVM "
+            "targets (x86, arm-neon, rpi4, jetson, cuda)"
+        )
+    rpc = settings.get("rpc")
+    if isinstance(rpc, str):
+        rpc = parse_tune_rpc(rpc)
+    settings["rpc"] = dict(rpc) if rpc else None
+    if not rpc:
+        config = target.tvm
+        arch = str(config.get("mtriple") or "x86_64").split("-")[0]
+        where = "a GPU" if config.get("kind") != "llvm" else f"{arch} code"
+        if config.get("kind") == "llvm" and arch != _host_arch():
+            raise UsageError(
+                f"target '{target.name}' runs {where}, which cannot run on this "
+                f"{_host_arch()} machine to be measured: tune on the device with "
+                "--tune-rpc HOST:PORT:KEY (README, 'Tuning')"
+            )
+        if target.cpu_features:
+            from dsopt import _tvm
+
+            missing = sorted(set(target.cpu_features) - set(_tvm.host_cpu_features()["features"]))
+            if missing:
+                raise UsageError(
+                    f"target '{target.name}' needs CPU features {', '.join(missing)} this machine "
+                    "lacks, so its trials cannot run here: tune with --tune-rpc HOST:PORT:KEY"
+                )
+    return settings
+
+
+def _tune(
+    mod: Any, target: Target, config: Mapping[str, Any], settings: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """Runs `_tvm.tune` for `lower_tvm` with checked settings; returns its record (or None)."""
+    if not settings:
+        return None
+    from dsopt import _tvm
+
+    # Trials are linked like the library: here, by the cross compiler, or on the device.
+    host = config if config.get("kind") == "llvm" else config.get("host") or {}
+    if str(host.get("mtriple") or "x86_64").split("-")[0] == _host_arch():
+        linker = None
+    elif target.cross_compiler and shutil.which(target.cross_compiler):
+        linker = target.cross_compiler
+    else:
+        linker = "tar"
+    database = Path(settings["db"]).expanduser() if settings.get("db") else None
+    return _tvm.tune(
+        mod,
+        config,
+        seconds=float(settings["minutes"]) * 60,
+        database_dir=database or _tvm.tuning_database_dir(config),
+        rpc=settings.get("rpc"),
+        linker=linker,
+        max_trials_per_task=settings.get("trials"),
+        trials_per_iter=settings.get("trials_per_iter"),
+        target_name=target.name,
+    )
+
+
 def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[Artifact]:
     """Lowers through TVM: static shapes, Relax import, the target's pipeline, compile, link.
 
@@ -255,9 +375,18 @@ def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[
     dtypes = {vi.name: _input_dtype(vi) for vi in inputs}
     started = time.perf_counter()
     mod = _tvm.import_onnx(static, shapes, dtypes, target_name=target.name)
-    executable = _tvm.build(
-        mod, config, {"schedules": target.schedules, "target_name": target.name}
-    )
+    schedules = options.get("schedules") or target.schedules
+    if schedules not in _SCHEDULES:
+        raise UsageError(
+            f"unknown schedules '{schedules}' for target '{target.name}': use one of "
+            f"{', '.join(_SCHEDULES)}"
+        )
+    tuning = _tune(mod, target, config, options.get("tune"))
+    schedule_stats: dict[str, int] = {}
+    build_options = {"schedules": schedules, "target_name": target.name}
+    if tuning is not None:
+        build_options["tuning_database"] = tuning["database"]["path"]
+    executable = _tvm.build(mod, config, build_options, stats=schedule_stats)
     compiled = time.perf_counter() - started
     if target.link == "host":
         library, linker = outdir / "model.so", None
@@ -272,7 +401,11 @@ def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[
                 target.cross_compiler,
                 target.name,
             )
-    _tvm.export(executable, library, cross_compiler=linker)
+    cuda: dict[str, str] | None = None
+    if config.get("kind") == "cuda":
+        cuda = _tvm.export_cuda(executable, library, str(config["arch"]), cross_compiler=linker)
+    else:
+        _tvm.export(executable, library, cross_compiler=linker)
     note = _unlinked_note(target) if library.suffix == ".tar" else None
     meta: dict[str, Any] = {
         "format": "tvm-relax-vm",
@@ -281,14 +414,19 @@ def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[
         "linker": linker or ("host" if library.suffix == ".so" else None),
         "cpu_features": sorted(target.cpu_features),
         "compile_seconds": round(compiled, 3),
-        "tvm": {**_tvm.versions(), "target": config, "schedules": target.schedules},
+        "tvm": {
+            **_tvm.versions(),
+            "target": config,
+            "schedules": {"rules": schedules, **schedule_stats},
+        },
     }
+    if tuning is not None:
+        meta["tvm"]["tuning"] = tuning
     if note:
         meta["note"] = note
-    source = _tvm.cuda_source(executable) if config.get("kind") == "cuda" else ""
-    if source:
-        # No GPU driver at build time: the library keeps CUDA C and compiles it when loaded.
-        meta["cuda"] = "source (compiled when loaded on the device)"
+    if cuda is not None:
+        # "cubin": compiled here by nvcc; "source-jit": CUDA C compiled when loaded on the device.
+        meta["cuda"] = cuda
     return [Artifact("model", model_path), Artifact("library", library, meta)]
 
 

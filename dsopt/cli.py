@@ -111,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="target name (see `dsopt targets`)")
     p.add_argument("-o", "--outdir", help="output folder (default: MODEL stem + .TARGET)")
     p.add_argument("--no-check", action="store_true", help="skip the numerical check")
+    p.add_argument(
+        "--tune-minutes",
+        type=float,
+        metavar="N",
+        help="tune with TVM MetaSchedule for about N minutes first (TVM targets); functions "
+        "already in the tuning database are not tuned again",
+    )
+    p.add_argument(
+        "--tune-db",
+        metavar="DIR",
+        help="tuning database folder (default: ~/.cache/dsopt/tune/<TVM target hash>/)",
+    )
+    p.add_argument(
+        "--tune-rpc",
+        metavar="HOST:PORT:KEY",
+        help="run the tuning trials on the devices a TVM RPC tracker serves under KEY",
+    )
+    p.add_argument(
+        "--tune-trials", type=int, metavar="N", help="at most N trials per function (default 256)"
+    )
     _pipeline_options(p)
     _common(p)
 
@@ -360,11 +380,31 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _tune_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`compile`'s tuning options as `driver.compile(tune=...)`; a bad --tune-rpc exits 2 now."""
+    from dsopt.backend import parse_tune_rpc
+
+    given = {
+        "minutes": args.tune_minutes,
+        "db": args.tune_db,
+        "rpc": parse_tune_rpc(args.tune_rpc) if args.tune_rpc is not None else None,
+        "trials": args.tune_trials,
+    }
+    if all(value is None for value in given.values()):
+        return None
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from dsopt.driver import compile as compile_model
 
     result = _run_with_progress(
-        compile_model, args, target=args.target, outdir=args.outdir, check=not args.no_check
+        compile_model,
+        args,
+        target=args.target,
+        outdir=args.outdir,
+        check=not args.no_check,
+        tune=_tune_settings(args),
     )
     console = _console()
     equivalence = result.report.get("equivalence")
@@ -373,6 +413,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     for artifact in result.manifest["artifacts"]:
         console.print(
             f"{artifact['role']:>8}: {result.outdir / artifact['path']} ({artifact['bytes']} bytes)"
+        )
+    tuning = result.manifest.get("tvm", {}).get("tuning")
+    if tuning:
+        console.print(
+            f"  tuning: {tuning['trials']} trials on {tuning['tasks_tuned']} of {tuning['tasks']} "
+            f"functions in {tuning['seconds']:.0f}s ({tuning['tasks_reused']} from the database "
+            f"{tuning['database']['path']})",
+            soft_wrap=True,
         )
     console.print(f"manifest: {result.outdir / 'manifest.json'}")
     console.print(f"  report: {result.outdir / 'report.json'}")

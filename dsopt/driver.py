@@ -163,6 +163,14 @@ def optimize(
     manager = PassManager(instances, verify=verify, rounds=pipeline.rounds)  # type: ignore[arg-type]
     report = manager.run(module, ctx)
     result = OptimizeResult(module=module, report=report, pipeline=str(pipeline))
+    # A lossy pass that changed the model (e.g. convert-float16) declares its error bound:
+    # the check allows it.
+    changed = {record.name for record in report.passes if record.changed}
+    bounds = [
+        float(p.tolerance or 0.0) for p in instances if p.exactness == "lossy" and p.name in changed
+    ]
+    if bounds:
+        rtol, atol = max(rtol, *bounds), max(atol, *bounds)
     if check:
         from dsopt import numerics
 
@@ -188,15 +196,22 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     atol: float = 1e-5,
     host: PluginHost | None = None,
     options: Mapping[str, Any] | None = None,
+    tune: Mapping[str, Any] | None = None,
 ) -> CompileResult:
     """Optimizes `model` for `target` and writes OUTDIR (model, manifest.json, report.json).
 
     The directory is built in a temporary sibling and renamed into place, so a failure never
     leaves a partial output. An existing OUTDIR is replaced only if it holds a dsopt manifest.
+    `tune` (TVM targets) runs MetaSchedule first: `{"minutes": N}` plus optional `db`, `rpc`
+    (`HOST:PORT:KEY`) and `trials` (see `dsopt.backend.tune_settings`); the manifest's
+    `tvm.tuning` records it.
     """
+    from dsopt.backend import tune_settings
+
     source = Path(model)
     host = host or PluginHost()
     target_obj = host.get_target(target)
+    tuning = tune_settings(tune, target_obj)
     out = (
         Path(outdir)
         if outdir is not None
@@ -237,7 +252,14 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     try:
         lowering_started = time.perf_counter()
         artifacts = target_obj.lower(
-            result.module, staging, {"shapes": shapes, "target": target_obj}
+            result.module,
+            staging,
+            {
+                "shapes": shapes,
+                "target": target_obj,
+                "schedules": (options or {}).get("schedules"),
+                "tune": tuning,
+            },
         )
         lowering_seconds = time.perf_counter() - lowering_started
         optimized = result.module.to_proto()

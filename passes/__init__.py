@@ -8,6 +8,7 @@ To add a pass: write `passes/<verb_noun>.py` with a frozen-dataclass `Pass` subc
 from __future__ import annotations
 
 from dsopt import hookimpl
+from dsopt.passes.convert_float16 import ConvertFloat16
 from dsopt.passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from dsopt.passes.eliminate_dead import EliminateDead
 from dsopt.passes.eliminate_noops import EliminateNoops
@@ -49,6 +50,7 @@ BUILTIN_PASSES = (
     FoldPad,
     FuseContribOps,
     LegalizeQuantized,
+    ConvertFloat16,
 )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dsopt.backend import Target, lower_tvm, run_library
+from dsopt.backend import TVM_PIPELINE, Target, lower_tvm, run_library
 
 ARM_NEON = Target(
     name="arm-neon",
+    pipeline=TVM_PIPELINE,
     aliases=("aarch64",),
     summary="aarch64 Linux with NEON + dot product (ARMv8.2-A): model.so, or model.tar of objects",
     tvm={
@@ -18,6 +19,7 @@ ARM_NEON = Target(
     cross_compiler="aarch64-linux-gnu-g++",
     precisions={"float32": 1.0, "int8": 0.35, "int4-weight": 0.5, "float16": 0.6},
     opset=17,
+    schedules="dsopt",
     lower=lower_tvm,
     run=run_library,
 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dsopt.backend import Target, lower_tvm, run_library
+from dsopt.backend import TVM_PIPELINE, Target, lower_tvm, run_library
 
 _HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+#: Tensor Cores run fp16: the lossless pipeline, then weights and compute to float16.
+FP16_PIPELINE = f"{TVM_PIPELINE},convert-float16"
 
 
 def _cuda(
@@ -15,6 +17,8 @@ def _cuda(
         summary=summary,
         tvm={"kind": "cuda", "arch": arch, "host": dict(_HOST)},
         link="host",
+        pipeline=FP16_PIPELINE,
+        allow_lossy=True,
         precisions=precisions,
         opset=17,
         lower=lower_tvm,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dsopt.backend import Target, lower_tvm, run_library
+from dsopt.targets.cuda import FP16_PIPELINE
 
 JETSON_ORIN = Target(
     name="jetson-orin",
@@ -21,6 +22,8 @@ JETSON_ORIN = Target(
     },
     link="cross",
     cross_compiler="aarch64-linux-gnu-g++",
+    pipeline=FP16_PIPELINE,
+    allow_lossy=True,
     precisions={"float16": 1.0, "float32": 2.0, "int8": 0.6, "int4-weight": 0.8},
     opset=17,
     lower=lower_tvm,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsopt.backend import Target, lower_tvm, run_library
+from dsopt.backend import TVM_PIPELINE, Target, lower_tvm, run_library
 
 #: Relative cost per precision on a CPU with VNNI (int8 dot products) and no fp16 arithmetic.
 _PRECISIONS_VNNI = {"float32": 1.0, "int8": 0.35, "int4-weight": 0.5, "float16": 2.0}
@@ -17,11 +17,12 @@ def _x86(
     return Target(
         name=name,
         summary=summary,
+        pipeline=TVM_PIPELINE,
         tvm={"kind": "llvm", "mtriple": _TRIPLE, **({"mcpu": mcpu} if mcpu else {})},
         host_cpu=mcpu is None,
         cpu_features=features,
         link="host",
-        schedules="none",
+        schedules="dsopt",
         precisions=_PRECISIONS_VNNI if "avx512vnni" in features else _PRECISIONS,
         opset=17,
         lower=lower_tvm,

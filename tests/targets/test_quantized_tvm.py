@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import onnx
 import pytest
 
 import dsopt
-from dsopt import hookimpl, numerics
+from dsopt import numerics
 from dsopt.backend import run_library
-from dsopt.passes.legalize_quantized import LegalizeQuantized
-from dsopt.pipeline import DEFAULT_PIPELINE
-from dsopt.plugin import PluginHost
 from tests.passes.test_legalize_quantized import mlp, quantized
 
 pytest.importorskip("tvm")
 
 pytestmark = pytest.mark.tvm
-
-
-def _host() -> PluginHost:
-    """A host that knows `legalize-quantized` (registered here until the built-ins list it)."""
-    host = PluginHost()
-    if "legalize-quantized" in host.passes:
-        return host
-    plugin = types.ModuleType("legalize_quantized_plugin")
-
-    @hookimpl
-    def dsopt_register_passes(registry):
-        registry.add(LegalizeQuantized)
-
-    plugin.dsopt_register_passes = dsopt_register_passes  # type: ignore[attr-defined]
-    return PluginHost(extra=[plugin])
 
 
 def _output_scale(model: onnx.ModelProto) -> float:
@@ -52,8 +32,6 @@ def _compile_and_compare(model, tmp_path, shape, *, step, rtol=0.0):
         path,
         target="x86",
         outdir=tmp_path / "out",
-        passes="legalize-quantized," + DEFAULT_PIPELINE,
-        host=_host(),
         check=False,
     )
     rng = np.random.default_rng(0)
@@ -62,6 +40,7 @@ def _compile_and_compare(model, tmp_path, shape, *, step, rtol=0.0):
         ref = numerics.run_model(model, {"x": x})["y"]
         got = run_library(result.outdir, result.manifest, {"x": x})["y"]
         np.testing.assert_allclose(got, ref, rtol=rtol, atol=step * 1.0001)
+    assert result.manifest["pipeline"].startswith("legalize-quantized,")  # the x86 default
     return result
 
 
