@@ -466,7 +466,8 @@ def build(
             for messages; `tuning_database`: a folder written by `tune`, whose schedules
             replace the default ones of the functions it has.
         stats: Filled with the schedule counts (`scheduled`, `fallback`, `skipped`) for "dsopt",
-            and `tuned` (functions scheduled from the tuning database).
+            `tuned` (functions scheduled from the tuning database) and `default_faster` (tuned
+            functions whose default schedule measured faster, which it keeps).
 
     Returns:
         The `tvm.runtime.Executable`.
@@ -489,9 +490,10 @@ def build(
         pipeline = relax.get_default_pipeline(target)
     try:
         if opt.get("tuning_database"):
-            mod, tuned = _apply_tuning(mod, target, opt["tuning_database"])
+            mod, tuned, kept = _apply_tuning(mod, target, opt["tuning_database"])
             if stats is not None:
                 stats["tuned"] = tuned
+                stats["default_faster"] = kept
         return tvm.compile(mod, target=target, relax_pipeline=pipeline)
     except Exception as e:  # noqa: BLE001 - TVM raises assorted types; quoted to the user
         raise LoweringError(f"target '{name}': TVM failed to compile: {_first_line(e)}") from e
@@ -914,22 +916,114 @@ def _fuse_for_tuning(mod: Any, target: Any) -> Any:
         return tvm.transform.Sequential(passes)(mod)
 
 
-def _apply_tuning(mod: Any, target: Any, database_dir: str | os.PathLike[str]) -> tuple[Any, int]:
-    """The fused module with the database's schedules applied, and how many functions got one."""
+def _apply_tuning(
+    mod: Any, target: Any, database_dir: str | os.PathLike[str]
+) -> tuple[Any, int, int]:
+    """The fused module with the database's schedules applied where they beat dsopt's default.
+
+    Returns:
+        (module, functions running a tuned schedule, tuned functions whose default schedule
+        measured faster and so stays).
+    """
     tvm = _load()
     from tvm import relax, tirx
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     fused = _fuse_for_tuning(mod, target)
     database = ms.database.JSONDatabase(work_dir=str(database_dir), allow_missing=False)
     with target, database, tvm.transform.PassContext(opt_level=3):
         tuned = relax.transform.MetaScheduleApplyDatabase()(fused)
-    applied = sum(
-        1
-        for _, func in tuned.functions_items()
-        if isinstance(func, tirx.PrimFunc) and func.attrs.get("tirx.is_scheduled", 0)
+    defaults = _read_default_seconds(Path(database_dir))
+    applied = kept = 0
+    for gvar, func in fused.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if not tuned[gvar].attrs.get("tirx.is_scheduled", 0):
+            continue
+        record = database.query_tuning_record(_normalize_mod(func), target, gvar.name_hint)
+        default = defaults.get(_workload_key(func))
+        if record is not None and default is not None and default <= _median(record.run_secs):
+            tuned[gvar] = func  # dsopt's default schedule runs it
+            kept += 1
+        else:
+            applied += 1
+    return tuned, applied, kept
+
+
+#: File in a tuning database folder: seconds of each workload with dsopt's default schedule.
+_DEFAULT_SECONDS_FILE = "dsopt_default_seconds.json"
+
+
+def _median(values: Any) -> float:
+    import statistics
+
+    return float(statistics.median(float(v) for v in values))
+
+
+def _workload_key(func: Any) -> str:
+    """A fused PrimFunc's key in the default-seconds file (TVM's structural hash)."""
+    _load()
+    import tvm_ffi
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    return str(tvm_ffi.structural_hash(_normalize_mod(func)))
+
+
+def _read_default_seconds(path: Path) -> dict[str, float]:
+    import json
+
+    file = path / _DEFAULT_SECONDS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _measure_defaults(fused: Any, target: Any, path: Path, builder: Any, runner: Any) -> int:
+    """Measures dsopt's default CPU schedule of each fused function not measured before.
+
+    The times go to the database folder, so `_apply_tuning` keeps a default schedule that is
+    faster than the best tuned one. Returns how many functions were measured.
+    """
+    import json
+
+    _load()
+    from tvm import tirx
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    known = _read_default_seconds(path)
+    pending: dict[str, Any] = {}
+    for _, func in fused.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            key = _workload_key(func)
+            if key not in known and key not in pending:
+                pending[key] = func
+    inputs, keys, infos = [], [], []
+    for key, func in pending.items():
+        try:
+            scheduled = _cpu_schedule_func(func, target)
+        except Exception:  # noqa: BLE001 - no default schedule: the tuned one is used
+            scheduled = None
+        if scheduled is not None:
+            inputs.append(ms.builder.BuilderInput(_normalize_mod(scheduled), target))
+            keys.append(key)
+            infos.append(ms.arg_info.ArgInfo.from_prim_func(func))
+    if not inputs:
+        return 0
+    runs = [
+        (key, built.artifact_path, info)
+        for key, built, info in zip(keys, builder.build(inputs), infos, strict=True)
+        if built.error_msg is None
+    ]
+    futures = runner.run(
+        [ms.runner.RunnerInput(artifact, "cpu", info) for _, artifact, info in runs]
     )
-    return tuned, applied
+    for (key, artifact, _), future in zip(runs, futures, strict=True):
+        result = future.result()
+        if result.error_msg is None:
+            known[key] = _median(result.run_secs)
+        shutil.rmtree(os.path.dirname(artifact), ignore_errors=True)
+    (path / _DEFAULT_SECONDS_FILE).write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+    return len(runs)
 
 
 def _tune_build(mod: Any, target: Any, _params: Any) -> Any:
@@ -938,10 +1032,10 @@ def _tune_build(mod: Any, target: Any, _params: Any) -> Any:
     TVM's default build imports them in every fresh worker process, which takes longer than a
     build's timeout on a small CPU; a tensorized trial already holds its intrinsics.
     """
-    from tvm.driver import build as tvm_build
+    from tvm import tirx
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    return tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _tune_export(rt_mod: Any, linker: str | None = None) -> str:
@@ -996,8 +1090,8 @@ def _worker_environment(cuda: bool) -> Any:
 def _timed_scheduler(deadline: float, batches: list[float]) -> Any:
     """A round-robin task scheduler that starts no batch it expects to end after `deadline`.
 
-    The expected length of a batch is the mean of the last three (search, build, run); the
-    first batch always starts. `batches` receives the measured lengths.
+    The expected length of a batch is the mean of the last three (search, build, run; zero
+    before the first ends). `batches` receives the measured lengths.
     """
     import time
 
@@ -1108,7 +1202,7 @@ def _database_summary(database: Any, path: Path) -> dict[str, Any]:
     import hashlib
 
     digest = hashlib.sha256()
-    for name in ("database_workload.json", "database_tuning_record.json"):
+    for name in ("database_workload.json", "database_tuning_record.json", _DEFAULT_SECONDS_FILE):
         file = path / name
         digest.update(file.read_bytes() if file.is_file() else b"")
     return {
@@ -1213,6 +1307,7 @@ def tune(
     failed = [0] * len(todo)
     batches: list[float] = []
     cost_model = None
+    defaults = 0
     if todo:
         rpc_config = _rpc_config(rpc) if rpc else None
         _import_tensor_intrinsics()
@@ -1237,6 +1332,8 @@ def tune(
                     runner = ms.runner.RPCRunner(rpc_config=rpc_config)
                 else:
                     runner = ms.runner.LocalRunner(timeout_sec=60)
+                if target.kind.name == "llvm":
+                    defaults = _measure_defaults(fused, target, path, builder, runner)
                 ms.tune.tune_tasks(
                     tasks=contexts,
                     task_weights=[float(t.weight) for t in todo],
@@ -1267,6 +1364,7 @@ def tune(
             "trials_per_iter": per_iter,
             "max_trials_per_task": cap,
             "cost_model": cost_model,
+            "defaults_measured": defaults,
             "database": _database_summary(database, path),
         }
     )

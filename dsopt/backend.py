@@ -300,6 +300,14 @@ def tune_settings(tune: Mapping[str, Any] | None, target: Target) -> dict[str, A
             f"target '{target.name}' is not compiled by TVM: --tune-minutes applies to TVM "
             "targets (x86, arm-neon, rpi4, jetson, cuda)"
         )
+    import importlib.util
+
+    missing = [m for m in ("psutil", "cloudpickle") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"--tune-minutes needs {' and '.join(missing)} (MetaSchedule's worker pools)",
+            hint="pip install 'dsopt[tune]'",
+        )
     rpc = settings.get("rpc")
     if isinstance(rpc, str):
         rpc = parse_tune_rpc(rpc)
@@ -307,10 +315,9 @@ def tune_settings(tune: Mapping[str, Any] | None, target: Target) -> dict[str, A
     if not rpc:
         config = target.tvm
         arch = str(config.get("mtriple") or "x86_64").split("-")[0]
-        where = "a GPU" if config.get("kind") != "llvm" else f"{arch} code"
         if config.get("kind") == "llvm" and arch != _host_arch():
             raise UsageError(
-                f"target '{target.name}' runs {where}, which cannot run on this "
+                f"target '{target.name}' runs {arch} code, which cannot run on this "
                 f"{_host_arch()} machine to be measured: tune on the device with "
                 "--tune-rpc HOST:PORT:KEY (README, 'Tuning')"
             )

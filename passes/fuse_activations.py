@@ -275,6 +275,9 @@ class _Tree:
                 dtype = np.dtype(x.dtype)
             except TypeError:
                 dtype = None
+        if dtype is None:  # graphsurgeon knows no type for it: ask shape inference
+            inferred = self.match.facts.shapes.get(x.name)
+            dtype = inferred.dtype if inferred is not None else None
         dtypes = set(self.dtypes) | ({dtype} if dtype is not None else set())
         if not dtypes:
             return "the input's dtype is unknown"

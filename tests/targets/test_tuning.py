@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import dsopt
 from dsopt.cli import main
 
 pytest.importorskip("tvm")
+pytest.importorskip("psutil")  # the test extra installs these
+pytest.importorskip("cloudpickle")
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 
@@ -86,7 +89,10 @@ def test_tuning_writes_a_database_that_the_next_run_reuses(tmp_path):
     assert tuning["database"]["records"] >= 1
     assert (db / "database_workload.json").stat().st_size > 0
     assert len((db / "database_tuning_record.json").read_text().splitlines()) == TRIALS
-    assert tvm["schedules"]["tuned"] == 1
+    # The tuned schedule runs unless dsopt's default one measured faster (then that one stays).
+    assert tvm["schedules"]["tuned"] + tvm["schedules"]["default_faster"] == 1
+    assert tuning["defaults_measured"] == 1
+    assert len(json.loads((db / "dsopt_default_seconds.json").read_text())) == 1
     assert first.report["library_check"]["ok"] is True
     assert first.manifest["library_verified"] is True
 
@@ -101,7 +107,7 @@ def test_tuning_writes_a_database_that_the_next_run_reuses(tmp_path):
     assert again["tuning"]["tasks_reused"] == 1 and again["tuning"]["trials"] == 0
     assert again["tuning"]["database"]["sha256"] == tuning["database"]["sha256"]
     assert (db / "database_tuning_record.json").read_bytes() == before
-    assert again["schedules"]["tuned"] == 1
+    assert again["schedules"]["tuned"] == tvm["schedules"]["tuned"]
     assert json.loads((tmp_path / "b" / "report.json").read_text())["library_check"]["ok"]
 
 
@@ -135,6 +141,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def rpc_tracker(tmp_path):
     """A TVM RPC tracker and one device server (this machine) on free loopback ports."""
+    pytest.importorskip("tornado")  # the tracker's event loop
     from tvm import rpc
 
     shim = tmp_path / "shim"
@@ -196,7 +203,8 @@ def test_tuning_runs_trials_on_an_rpc_server(tmp_path, rpc_tracker):
     assert tuning["trials"] == 2 and tuning["failed_trials"] == 0
     assert tuning["database"]["records"] >= 1
     assert len((db / "database_tuning_record.json").read_text().splitlines()) == 2
-    assert result.manifest["tvm"]["schedules"]["tuned"] == 1
+    schedules = result.manifest["tvm"]["schedules"]
+    assert schedules["tuned"] + schedules["default_faster"] == 1
     assert result.report["library_check"]["ok"] is True
 
 
@@ -220,3 +228,48 @@ def test_bad_tuning_options_are_one_line_usage_errors(tmp_path, capsys, extra, e
     assert code == 2
     assert expected in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+def test_arm_trials_are_cross_linked_for_the_board(tmp_path, monkeypatch):
+    compiler = "aarch64-linux-gnu-g++"
+    if not shutil.which(compiler):
+        pytest.skip(f"{compiler} is not installed (scripts/setup-cross.sh)")
+    from tvm import tirx
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from dsopt import _tvm
+
+    seen = {}
+
+    def fake_tune(mod, config, **kwargs):
+        seen.update(kwargs)
+        db = tmp_path / "db"
+        db.mkdir()
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            (db / name).write_text("")
+        return {"database": {"path": str(db)}}
+
+    monkeypatch.setattr(_tvm, "tune", fake_tune)
+    model = _save(conv_relu(), tmp_path / "m.onnx")
+    rpc = {"host": "127.0.0.1", "port": 9190, "key": "rpi4"}
+    result = dsopt.compile(
+        model, target="rpi4", outdir=tmp_path / "o", tune={"minutes": 1, "rpc": rpc}
+    )
+    assert seen["linker"] == compiler and seen["rpc"] == rpc
+    assert result.manifest["tvm"]["tuning"]["database"]["path"] == str(tmp_path / "db")
+
+    # What the builder's workers do with each trial: an AArch64 shared library for the board.
+    config = result.manifest["tvm"]["target"]
+    target = _tvm.make_target(config)
+    fused = _tvm._fuse_for_tuning(
+        _tvm.import_onnx(conv_relu(), {"x": [1, 3, 12, 12]}, {"x": "float32"}), target
+    )
+    func = next(f for _, f in fused.functions_items() if isinstance(f, tirx.PrimFunc))
+    artifact = Path(
+        _tvm._tune_export(_tvm._tune_build(_normalize_mod(func), target, None), linker=compiler)
+    )
+    header = artifact.read_bytes()[:20]
+    assert (
+        header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 0xB7
+    )  # EM_AARCH64
+    shutil.rmtree(artifact.parent)
