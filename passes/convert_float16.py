@@ -124,6 +124,8 @@ class ConvertFloat16(Pass):
       * arithmetic on floats made from integers (`Cast` from an integer type, `Range`) stays
         float32 until it meets an activation, so shape and position math stays exact.
       * other domains and nodes with subgraphs are left alone.
+    The declared bound holds for continuous computations: an op whose output jumps at a
+    threshold (Round, comparisons feeding Where) flips when fp16 moves its input across it.
     Inputs a node needs in the other precision get one Cast per tensor (a Cast back to fp16 of
     a Cast from fp16 reads the fp16 value instead); float32 initializers read only in fp16 are
     converted in place (values clipped to +-65504), shared ones get a float16 copy. With

@@ -212,7 +212,14 @@ def test_classifier_keeps_its_argmax():
     assert margins >= 24 and kept == margins
 
 
-@given(model=strategies.models())
+#: Ops whose output jumps where the input crosses a threshold: an fp16 input a rounding step
+#: away from it flips the result, so no error bound holds through them (the pass's contract
+#: covers continuous graphs). CI found one: Round(x) == 1 choosing a Where branch.
+DISCONTINUOUS = frozenset({"Round", "Greater", "Less", "Equal", "Where"})
+CONTINUOUS_OPS = [op for op in strategies.OP_NAMES if op not in DISCONTINUOUS]
+
+
+@given(model=strategies.models(ops=CONTINUOUS_OPS))
 @settings(max_examples=PROPERTY_EXAMPLES)
 def test_property(model):
     """Valid, idempotent, float32 interface kept, outputs within 1e-2 * (1 + |y|) (onnxruntime).
@@ -230,3 +237,13 @@ def test_property(model):
         model, rewritten, inputs=[random_feeds(model)], rtol=TOL, atol=TOL
     )
     assert report.ok, report.to_dict()
+
+
+@given(model=strategies.models())
+@settings(max_examples=PROPERTY_EXAMPLES // 2)
+def test_property_with_discontinuous_ops_stays_valid(model):
+    """With Round/comparisons/Where drawn too the result is still valid and idempotent."""
+    rewritten, _ = apply_pass(ConvertFloat16(), model)
+    assert verify_model(rewritten) is None
+    _, again = apply_pass(ConvertFloat16(), rewritten)
+    assert not again.changed, again.stats
