@@ -20,6 +20,7 @@ from dsopt.ir import constant_node_value
 __all__ = [
     "can_take_name",
     "dropout_in_training",
+    "fresh_name",
     "is_graph_output",
     "is_used",
     "node_subgraphs",
@@ -198,3 +199,13 @@ def dropout_in_training(node: gs.Node, opset: int) -> bool:
         return False
     value = read_constant(node.inputs[2])
     return value is None or value.size != 1 or bool(value.reshape(()))
+
+
+def fresh_name(used: set[str], base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `used`, which it then joins."""
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from dsopt.analysis import AnalysisManager, Shapes, TensorType
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult
-from dsopt.pattern import is_used, read_constant, redirect_readers, topological_order
+from dsopt.pattern import fresh_name, is_used, read_constant, redirect_readers, topological_order
 
 __all__ = [
     "Match",
@@ -127,13 +127,7 @@ class _Facts:
         return self._shapes
 
     def fresh(self, hint: str) -> str:
-        base = hint or "fused"
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return fresh_name(self.names, hint or "fused")
 
 
 @dataclasses.dataclass

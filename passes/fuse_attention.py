@@ -13,7 +13,7 @@ from dsopt.analysis import AnalysisManager
 from dsopt.attention import AttentionSite, Mask, scan_attention
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult
-from dsopt.pattern import remove_nodes, topological_order
+from dsopt.pattern import fresh_name, remove_nodes, topological_order
 
 __all__ = ["FuseAttention"]
 
@@ -114,12 +114,7 @@ class _Names:
             self.used.update(graph.tensors().keys())
 
     def fresh(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self.used:
-            i += 1
-            name = f"{hint}_{i}"
-        self.used.add(name)
-        return name
+        return fresh_name(self.used, hint)
 
 
 class _Rewriter:

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult
-from dsopt.pattern import read_constant
+from dsopt.pattern import fresh_name, read_constant
 
 __all__ = ["LegalizeQuantized", "LEGALIZED_OPS"]
 
@@ -137,13 +137,7 @@ class _Builder:
         self.specs: list[tuple[str, str, dict[str, Any], list[gs.Tensor], gs.Tensor]] = []
 
     def fresh(self, hint: str) -> str:
-        base = f"{self.base}/{hint}"
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return fresh_name(self.names, f"{self.base}/{hint}")
 
     def const(self, hint: str, value: Any, dtype: Any = None) -> gs.Constant:
         array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
