@@ -195,6 +195,17 @@ class Match:
             return found.shape
         return tuple(tensor.shape) if tensor.shape is not None else None
 
+    def dtype(self, tensor: gs.Tensor) -> np.dtype[Any] | None:
+        """The element type of `tensor` (constant, shape inference, or declared), else None."""
+        if isinstance(tensor, gs.Constant):
+            return np.dtype(tensor.dtype)
+        found = self.facts.shapes.get(tensor.name)
+        dtype = found.dtype if found is not None and found.dtype is not None else tensor.dtype
+        try:
+            return None if dtype is None else np.dtype(dtype)
+        except TypeError:  # graphsurgeon keeps some types as onnx enum values
+            return None
+
     def rank(self, tensor: gs.Tensor) -> int | None:
         """The rank of `tensor`, or None when unknown."""
         shape = self.shape(tensor)

@@ -269,15 +269,7 @@ class _Tree:
 
     def fits(self, x: gs.Tensor) -> str | None:
         """Why `x` cannot stand for the whole expression (dtype, broadcasting), else None."""
-        dtype = x.dtype if isinstance(x.dtype, np.dtype) else None
-        if dtype is None and x.dtype is not None:
-            try:
-                dtype = np.dtype(x.dtype)
-            except TypeError:
-                dtype = None
-        if dtype is None:  # graphsurgeon knows no type for it: ask shape inference
-            inferred = self.match.facts.shapes.get(x.name)
-            dtype = inferred.dtype if inferred is not None else None
+        dtype = self.match.dtype(x)
         dtypes = set(self.dtypes) | ({dtype} if dtype is not None else set())
         if not dtypes:
             return "the input's dtype is unknown"

@@ -35,22 +35,10 @@ _CONV_ACTIVATIONS: dict[str, tuple[tuple[str, float], ...]] = {
 }
 
 
-def _dtype(match: Match, tensor: gs.Tensor) -> np.dtype | None:
-    """The element type of `tensor` (constant, shape inference, or declared), else None."""
-    if isinstance(tensor, gs.Constant):
-        return np.dtype(tensor.dtype)
-    found = match.facts.shapes.get(tensor.name)
-    dtype = found.dtype if found is not None and found.dtype is not None else tensor.dtype
-    try:
-        return None if dtype is None else np.dtype(dtype)
-    except TypeError:  # graphsurgeon keeps some types as onnx enum values
-        return None
-
-
 def _not_float32(match: Match, *tensors: gs.Tensor) -> str | None:
     """Why the tensors are not all float32 (the reason for `match.fail`), else None."""
     for tensor in tensors:
-        dtype = _dtype(match, tensor)
+        dtype = match.dtype(tensor)
         if dtype != _FLOAT32:
             return f"'{tensor.name}' is {dtype or 'of unknown type'}, not float32"
     return None

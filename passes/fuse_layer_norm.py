@@ -83,15 +83,6 @@ def _reads(node: gs.Node, tensor: gs.Tensor) -> int:
     return sum(1 for t in node.inputs if t is tensor)
 
 
-def _dtype(match: Match, tensor: gs.Tensor) -> np.dtype | None:
-    found = match.facts.shapes.get(tensor.name)
-    dtype = found.dtype if found is not None and found.dtype is not None else tensor.dtype
-    try:
-        return None if dtype is None else np.dtype(dtype)
-    except TypeError:
-        return None
-
-
 #: What a rule's `input_of` finds: (x, the nodes it absorbed, the ReduceMeans to check).
 _Input = tuple[gs.Tensor, list[gs.Node], list[gs.Node]]
 
@@ -272,7 +263,7 @@ class _Norm(Rule):
                 return match.fail(f"the ReduceMeans reduce different axes {axes} and {got}")
             axes = got
         assert axes is not None
-        dtype = _dtype(match, x)
+        dtype = match.dtype(x)
         if dtype not in _FLOATS:
             return match.fail(f"the input's dtype {dtype} is not float16/32/64")
         eps = core.eps
