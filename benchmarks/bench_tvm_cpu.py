@@ -29,6 +29,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -78,6 +79,18 @@ def _library_runner(library: Path, feeds: list[np.ndarray]):
     return run
 
 
+def interleaved_times(runners: dict[str, Any], runs: int) -> dict[str, list[float]]:
+    """Seconds per run of each runner: `runs` rounds, each runner settled once, then timed."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(runs):
+        for key, run in runners.items():
+            run()  # settle
+            started = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - started)
+    return times
+
+
 def bench(name: str, shapes: dict[str, list[int]], schedules: list[str], runs: int) -> None:
     source = MODELS_DIR / f"{name}.onnx"
     options = ort.SessionOptions()
@@ -108,13 +121,7 @@ def bench(name: str, shapes: dict[str, list[int]], schedules: list[str], runs: i
             counts = manifest["tvm"]["schedules"]
             info[s] = (library["compile_seconds"], wall, counts, error)
             runners[f"tvm/{s}"] = runner
-        times: dict[str, list[float]] = {k: [] for k in runners}
-        for _ in range(runs):
-            for key, run in runners.items():
-                run()  # settle
-                started = time.perf_counter()
-                run()
-                times[key].append(time.perf_counter() - started)
+        times = interleaved_times(runners, runs)
     base = statistics.median(times["onnxruntime"]) * 1e3
     shape_text = " ".join(f"{k}={','.join(map(str, v))}" for k, v in shapes.items())
     print(f"{name} ({shape_text}): onnxruntime {base:.2f} ms")

@@ -21,6 +21,7 @@ __all__ = [
     "TVM_PIPELINE",
     "Artifact",
     "Target",
+    "int8_kernels",
     "lower_tvm",
     "parse_tune_rpc",
     "run_library",
@@ -247,6 +248,46 @@ def _unlinked_note(target: Target) -> str:
 
 #: CPU schedule sets `lower_tvm` applies (option `schedules` overrides the target's).
 _SCHEDULES = ("dsopt", "dlight", "none")
+#: How `lower_tvm` computes integer-valued convolutions and matmuls (option `int8`).
+_INT8_KERNELS = ("auto", "vnni", "float")
+
+
+def int8_kernels(target: Target, choice: str | None, schedules: str | None = None) -> str:
+    """The int8 kernels lowering uses: "vnni" (AVX-512 VNNI on the target's CPU) or "float".
+
+    The target's CPU is the host's for `host_cpu` targets. The int8 kernels come with dsopt's
+    schedules: other `schedules` get "float".
+
+    Raises:
+        UsageError: An unknown choice, or "vnni" for a CPU without VNNI or without dsopt's
+            schedules.
+    """
+    choice = choice or "auto"
+    if (schedules or target.schedules) != "dsopt":
+        if choice == "vnni":
+            raise UsageError(
+                f"int8 'vnni' needs dsopt's CPU schedules, not '{schedules or target.schedules}'"
+                f" (target '{target.name}'): drop the schedules option or use int8 'float'"
+            )
+        return "float"
+    if choice not in _INT8_KERNELS:
+        raise UsageError(
+            f"unknown int8 '{choice}' for target '{target.name}': use one of "
+            f"{', '.join(_INT8_KERNELS)}"
+        )
+    features = set(target.cpu_features)
+    if target.host_cpu:
+        from dsopt import _tvm
+
+        features |= set(_tvm.host_cpu_features()["features"])
+    x86 = target.tvm is not None and str(target.tvm.get("mtriple", "x86_64")).startswith("x86")
+    has_vnni = x86 and target.tvm.get("kind") == "llvm" and "avx512vnni" in features
+    if choice == "vnni" and not has_vnni:
+        raise UsageError(
+            f"target '{target.name}' has no AVX-512 VNNI for int8 'vnni': use int8 'float' or "
+            "--target x86-vnni"
+        )
+    return "vnni" if choice != "float" and has_vnni else "float"
 
 
 # -- Tuning --------------------------------------------------------------------------------------
@@ -390,7 +431,11 @@ def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[
         )
     tuning = _tune(mod, target, config, options.get("tune"))
     schedule_stats: dict[str, int] = {}
-    build_options = {"schedules": schedules, "target_name": target.name}
+    build_options = {
+        "schedules": schedules,
+        "target_name": target.name,
+        "int8": int8_kernels(target, options.get("int8"), schedules),
+    }
     if tuning is not None:
         build_options["tuning_database"] = tuning["database"]["path"]
     executable = _tvm.build(mod, config, build_options, stats=schedule_stats)
@@ -424,7 +469,7 @@ def lower_tvm(module: Module, outdir: Path, options: Mapping[str, Any]) -> list[
         "tvm": {
             **_tvm.versions(),
             "target": config,
-            "schedules": {"rules": schedules, **schedule_stats},
+            "schedules": {"rules": schedules, "int8": build_options["int8"], **schedule_stats},
         },
     }
     if tuning is not None:

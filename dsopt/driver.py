@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from dsopt.backend import int8_kernels
 from dsopt.errors import CheckFailed, UsageError
 from dsopt.ir import Module
 from dsopt.pass_infra import PassContext, PassManager, PipelineReport, Verify
@@ -153,6 +154,10 @@ def optimize(
     if shapes:
         global_options["shapes"] = {k: list(v) for k, v in shapes.items()}
     target_obj = host.get_target(target) if target else None
+    if target_obj is not None and target_obj.tvm is not None:
+        global_options["int8_kernels"] = int8_kernels(
+            target_obj, global_options.get("int8"), global_options.get("schedules")
+        )
     ctx = PassContext(
         target=target_obj.name if target_obj else None,
         options=global_options,
@@ -258,6 +263,7 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
                 "shapes": shapes,
                 "target": target_obj,
                 "schedules": (options or {}).get("schedules"),
+                "int8": (options or {}).get("int8"),
                 "tune": tuning,
             },
         )

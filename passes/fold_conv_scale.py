@@ -13,6 +13,10 @@ from dsopt.rewrite import Match, MatchResult, Op, Rule, RulePass
 __all__ = ["RULES", "FoldConvScale"]
 
 
+def _integer_valued(value: np.ndarray) -> bool:
+    return bool(value.size) and bool(np.all(value == np.round(value)))
+
+
 class ConvMul(Rule):
     """Conv(x, W, b) * s  ==>  Conv(x, W * s[:, None, ...], b * s) for s per output channel.
 
@@ -32,6 +36,10 @@ class ConvMul(Rule):
             return match.fail("the Conv weight is not constant")
         if weight.dtype.kind != "f" or weight.ndim < 3:
             return match.fail(f"the Conv weight is {weight.dtype}[{weight.ndim}-D]")
+        producers = {node.op for node in conv.inputs[0].inputs}
+        if _integer_valued(weight) and producers & {"Cast", "Sub"}:
+            # A legalized quantized conv: integer sums, exact in float32 and in int8 kernels.
+            return match.fail("the Conv is an integer convolution (integer weight and input)")
         scale = match.constant(match.side_input(1))
         if scale is None:
             return match.fail("the other Mul operand is not constant")

@@ -17,6 +17,8 @@ __all__ = ["LegalizeQuantized", "LEGALIZED_OPS"]
 
 #: float32 holds every integer below this exactly; integer sums below it add exactly.
 _EXACT = float(2**24)
+#: A big conv bias splits into a low part below this and a high part, a multiple of it.
+_BIAS_STEP = 4096
 #: The activation split base of the wide-sum path (x = 16 * hi + lo, lo in [0, 16)).
 _SPLIT = 16.0
 #: Assumed image size bound when QLinearGlobalAveragePool's input shape is unknown.
@@ -55,7 +57,12 @@ class LegalizeQuantized(Pass):
          with the int32 bias as float, `* (xs * ws / ys)`, `QuantizeLinear(., 1, yz)`. When
          `max|x - xz| * sum|w - wz| + |bias|` may reach 2**24 the activation is split into
          `16 * hi + lo` and two convs summed (one rounding, as float(int32) rounds);
-         still too wide: `skipped-range`.
+         still too wide: `skipped-range`. Only the bias too big (tiny scales)? It splits
+         into `bias mod 4096` inside the conv and the rest added after (`split-bias`). For
+         targets whose TVM lowering has int8 kernels (option `int8_kernels=vnni`, set by the
+         driver for x86 CPUs with AVX-512 VNNI),
+         ungrouped convs stay one conv whatever their range: the kernel sums in int32
+         (counted as `int32-kernel-sums`; a bias then rounds once more, within one step).
       2. `ConvInteger` -> the same accumulation, cast to int32 (hi/lo partials cast first).
       3. `QLinearMatMul` -> `MatMulInteger` (int32), `Cast`, `* (as * bs / ys)`, quantize.
       4. com.microsoft `QGemm` -> `MatMulInteger` (B transposed as a constant), `+ C` in int32,
@@ -99,6 +106,8 @@ class LegalizeQuantized(Pass):
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         """Rewrites every legalizable quantized node of every graph."""
         stats: dict[str, int | float | str] = {}
+        # The target's TVM lowering computes ungrouped integer convs in int32 (dsopt/_tvm.py).
+        int32_kernels = ctx.options.get("int8_kernels") == "vnni"
         names = {t.name for g in module.graphs() for t in g.tensors().values() if t.name}
         names |= {n.name for g in module.graphs() for n in g.nodes if n.name}
         changed = False
@@ -107,7 +116,9 @@ class LegalizeQuantized(Pass):
                 rule = _RULES.get((node.domain or "", node.op))
                 if rule is None:
                     continue
-                builder = _Builder(graph, node, names, module.opset, self.fold_weights)
+                builder = _Builder(
+                    graph, node, names, module.opset, self.fold_weights, int32_kernels
+                )
                 try:
                     rule(builder, node)
                 except _NotApplicable:
@@ -129,9 +140,16 @@ class _Builder:
     """Collects the replacement of one node; `commit` swaps it in (it writes the node's outputs)."""
 
     def __init__(
-        self, graph: gs.Graph, node: gs.Node, names: set[str], opset: int, fold: bool
+        self,
+        graph: gs.Graph,
+        node: gs.Node,
+        names: set[str],
+        opset: int,
+        fold: bool,
+        int32_kernels: bool = False,
     ) -> None:
         self.graph, self.node, self.names, self.opset, self.fold = graph, node, names, opset, fold
+        self.int32_kernels = int32_kernels
         self.base = node.name or (node.outputs[0].name if node.outputs else "q")
         self.notes: list[str] = []
         self.specs: list[tuple[str, str, dict[str, Any], list[gs.Tensor], gs.Tensor]] = []
@@ -267,7 +285,22 @@ def _conv_accumulate(
         xc = b.op("Sub", [b.cast(x, _FLOAT), b.cast(xz, _FLOAT)])
     else:
         xc = b.centered(x, xz)
-    if span * per_channel + bias_max < _EXACT:
+    if (
+        bias is not None
+        and not as_int32
+        and span * per_channel + bias_max >= _EXACT
+        and span * per_channel + _BIAS_STEP < _EXACT
+    ):
+        # A big bias (tiny scales): the conv adds its low part exactly, then one float add of
+        # the high part (a multiple of _BIAS_STEP, exact in float32) rounds once, as ORT does.
+        low = np.mod(bias.astype(np.int64), _BIAS_STEP)
+        b.notes.append("split-bias")
+        acc = b.op("Conv", [xc, weight, b.const("bias_low", low.astype(np.float32))], attrs)
+        high = (bias.astype(np.int64) - low).astype(np.float32)
+        return b.op("Add", [acc, b.const("bias_high", high.reshape((-1,) + (1,) * (w.ndim - 2)))])
+    if span * per_channel + bias_max < _EXACT or (b.int32_kernels and attrs.get("group", 1) == 1):
+        if span * per_channel + bias_max >= _EXACT:
+            b.notes.append("int32-kernel-sums")
         acc = b.op("Conv", [xc, weight, *bias_inputs], attrs)
         return b.cast(acc, _INT32) if as_int32 else acc
     if _SPLIT * per_channel >= _EXACT or (_SPLIT - 1) * per_channel + bias_max >= _EXACT:

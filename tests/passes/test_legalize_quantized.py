@@ -459,6 +459,19 @@ def test_qlinear_conv_wide_sums_split_and_stay_exact():
     assert 255 * 255 * 1152 > 2**24
 
 
+def test_qlinear_conv_big_bias_splits_and_stays_exact():
+    """Depthwise 5x5 with tiny scales: the int32 bias alone passes 2**24 (PP-OCR rec has these)."""
+    rng = np.random.default_rng(6)
+    model, feeds = qlinear_conv(rng, np.uint8, np.int8, 8, 8, 5, 6, depthwise=True, pads=2)
+    init = {t.name: t for t in model.graph.initializer}
+    big = rng.integers(-(2**28), 2**28, 8).astype(np.int32)
+    init["b"].CopyFrom(numpy_helper.from_array(big, "b"))
+    init["ys"].CopyFrom(numpy_helper.from_array(np.float32(2e4), "ys"))
+    rewritten, result = check_pass(LegalizeQuantized(), model)
+    assert fired(result.stats) == {"QLinearConv": 1, "split-bias": 1}
+    assert_same(model, rewritten, [feeds])
+
+
 def test_qlinear_conv_u8s8_matches_the_onnx_reference():
     """onnxruntime's AVX2 u8s8 kernel saturates int16 pair sums; the rewrite follows the spec."""
     from onnx.reference import ReferenceEvaluator
