@@ -24,6 +24,7 @@ __all__ = [
     "int8_kernels",
     "lower_tvm",
     "parse_tune_rpc",
+    "run_emulated",
     "run_library",
     "run_onnx",
     "static_model",
@@ -494,6 +495,66 @@ def _host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+#: What scripts/setup-aarch64-runtime.sh builds (an arm64 Python + TVM runtime) and the runner
+#: script it runs under qemu-user; both live in a dsopt checkout.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_AARCH64_RUNTIME = _CHECKOUT / ".cache" / "aarch64"
+_AARCH64_RUNNER = _CHECKOUT / "scripts" / "aarch64_run.py"
+#: Seconds an emulated run may take (Python and TVM start in ~10 s under qemu).
+_EMULATED_TIMEOUT = 900
+
+
+def run_emulated(outdir: Path, manifest: Mapping[str, Any], feeds: Feeds) -> dict[str, np.ndarray]:
+    """Runs OUTDIR's aarch64 library under qemu-user with the aarch64 TVM runtime wheel.
+
+    For checking numerics on an x86 build machine (about 35x slower than a board).
+
+    Raises:
+        NotRunnableHere: The library is not a linked aarch64 one, or qemu-aarch64 or the aarch64
+            runtime (scripts/setup-aarch64-runtime.sh) is missing.
+        UsageError: A feed is missing.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    config = (manifest.get("tvm") or {}).get("target") or {}
+    library = _artifact(outdir, manifest, "library")
+    arch = str(config.get("mtriple") or "x86_64").split("-")[0]
+    if config.get("kind") != "llvm" or arch != "aarch64" or library.suffix != ".so":
+        raise NotRunnableHere(
+            f"--emulate runs linked aarch64 CPU libraries; {library.name} of target "
+            f"'{manifest.get('target', '?')}' is not one: run it without --emulate or on the device"
+        )
+    qemu = shutil.which("qemu-aarch64")
+    sysroot = _AARCH64_RUNTIME / "sysroot"
+    if qemu is None or not (_AARCH64_RUNTIME / "READY").is_file() or not _AARCH64_RUNNER.is_file():
+        raise NotRunnableHere(
+            "--emulate needs qemu-aarch64 and the aarch64 TVM runtime of a dsopt checkout: run "
+            "scripts/setup-cross.sh and scripts/setup-aarch64-runtime.sh"
+        )
+    missing = [s["name"] for s in manifest["inputs"] if s["name"] not in feeds]
+    if missing:
+        raise UsageError(f"no value for input '{missing[0]}'")
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "PYTHONPATH": str(_AARCH64_RUNTIME / "site")}
+    with tempfile.TemporaryDirectory(prefix="dsopt-emulate-") as tmp:
+        inputs, outputs = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(inputs, **{s["name"]: np.asarray(feeds[s["name"]]) for s in manifest["inputs"]})
+        command = [qemu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / "python3.11")]
+        run = subprocess.run(
+            [*command, str(_AARCH64_RUNNER), str(outdir), str(inputs), str(outputs)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=_EMULATED_TIMEOUT,
+        )
+        if run.returncode != 0:
+            last = (run.stderr.strip().splitlines() or ["?"])[-1]
+            raise NotRunnableHere(f"the aarch64 library failed under qemu: {last}")
+        with np.load(outputs) as data:
+            return {name: data[name] for name in data.files}
+
+
 def run_library(outdir: Path, manifest: Mapping[str, Any], feeds: Feeds) -> dict[str, np.ndarray]:
     """Runs OUTDIR's TVM library on this machine's CPU.
 
@@ -517,6 +578,7 @@ def run_library(outdir: Path, manifest: Mapping[str, Any], feeds: Feeds) -> dict
         raise NotRunnableHere(
             f"target '{target}' builds {arch} code and this machine is {_host_arch()}; run "
             f"{library.name} on the device with TVM's runtime"
+            + (", or here under qemu with `dsopt run --emulate`" if arch == "aarch64" else "")
         )
     entry = next(a for a in manifest["artifacts"] if a["role"] == "library")
     needed = set(entry.get("cpu_features", []))

@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir", help="a folder written by `dsopt compile`")
     p.add_argument("--inputs", required=True, help="an .npz with one array per input name")
     p.add_argument("-o", "--output", required=True, help="where to write the outputs (.npz)")
+    p.add_argument(
+        "--emulate",
+        action="store_true",
+        help="run an aarch64 library under qemu-user (scripts/setup-aarch64-runtime.sh first)",
+    )
     _common(p)
 
     p = sub.add_parser("passes", help="list passes with summaries and options")
@@ -462,7 +467,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     feeds = numerics.load_inputs(args.inputs, str(model) if model else None)
     if len(feeds) != 1:
         raise UsageError(f"--inputs {args.inputs}: give one sample (an .npz), not {len(feeds)}")
-    outputs = target.run(outdir, manifest, feeds[0])
+    if args.emulate:
+        from dsopt.backend import run_emulated
+
+        outputs = run_emulated(outdir, manifest, feeds[0])
+    else:
+        outputs = target.run(outdir, manifest, feeds[0])
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("wb") as f:

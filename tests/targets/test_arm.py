@@ -157,3 +157,19 @@ def test_aarch64_libraries_run_under_qemu_and_match_onnxruntime(arm_builds, aarc
             error = float(np.max(np.abs(got[name] - value)))
             print(f"{target} {model} {name}: max abs error {error:.2e}", file=sys.stderr)
             np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dsopt_run_emulate_runs_the_aarch64_library_under_qemu(
+    arm_builds, aarch64_python, tmp_path
+):
+    """`dsopt run OUTDIR --emulate` on this x86 machine: the arm-neon library's outputs."""
+    outdir, make, feeds, inputs = arm_builds["arm-neon", "conv"]
+    out = tmp_path / "out.npz"
+    assert main(["run", str(outdir), "--inputs", str(inputs), "-o", str(out), "--emulate"]) == 0
+    got = np.load(out)
+    for name, value in numerics.run_model(make(), feeds).items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
+    # Without --emulate the same folder is refused with a pointer to it.
+    assert main(["run", str(outdir), "--inputs", str(inputs), "-o", str(tmp_path / "x.npz")]) == 2
+    assert not (tmp_path / "x.npz").exists()

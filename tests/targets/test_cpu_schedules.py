@@ -31,6 +31,13 @@ CONVS = [
     ("wide_prime", (1, 2, 3, 131), 3, (1, 3), (1, 1), (0, 1, 0, 1), (1, 1), 1),
     ("parallel", (1, 16, 34, 34), 32, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1),
 ]
+#: (name, input NCHW, out channels, kernel, strides, pads): ConvTranspose branches; kernel ==
+#: strides (no pads) takes dsopt's upsampling kernel, the last one TOPI's.
+CONV_TRANSPOSES = [
+    ("up2", (1, 6, 7, 9), 5, (2, 2), (2, 2), (0, 0, 0, 0)),
+    ("up_rect", (1, 3, 5, 11), 17, (2, 3), (2, 3), (0, 0, 0, 0)),
+    ("up_overlap", (1, 4, 6, 6), 3, (3, 3), (2, 2), (1, 1, 1, 1)),
+]
 #: (name, A shape, B shape, B is a constant): MatMul branches, odd sizes, batched and GEMV.
 MATMULS = [
     ("mm_odd", (3, 37), (37, 19), True),
@@ -67,6 +74,22 @@ def _graph() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         else:
             nodes.append(helper.make_node("Identity", [f"{name}_c"], [f"{name}_y"]))
         outputs.append(helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None))
+    for name, shape, cout, kernel, strides, pads in CONV_TRANSPOSES:
+        add_input(f"{name}_x", shape)
+        const(f"{name}_w", rng.standard_normal((shape[1], cout, *kernel)) * 0.3)
+        const(f"{name}_b", rng.standard_normal(cout))
+        nodes.append(
+            helper.make_node(
+                "ConvTranspose",
+                [f"{name}_x", f"{name}_w", f"{name}_b"],
+                [f"{name}_c"],
+                kernel_shape=list(kernel),
+                strides=list(strides),
+                pads=list(pads),
+            )  # fmt: skip
+        )
+        nodes.append(helper.make_node("Sigmoid", [f"{name}_c"], [f"{name}_y"]))
+        outputs.append(helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None))
     add_input("pool_x", (1, 3, 13, 19))
     nodes.append(
         helper.make_node(
@@ -102,6 +125,7 @@ def test_scheduled_convs_and_matmuls_match_onnxruntime(model_and_feeds, tmp_path
     executable = _tvm.build(mod, config, {"schedules": "dsopt"}, stats=stats)
     assert stats["fallback"] == 0, stats
     assert stats["scheduled"] >= len(CONVS) + len(MATMULS) + 1, stats
+    assert stats["upsample_conv2d_transpose"] == 2, stats
     if "avx2" not in _tvm.host_cpu_features()["features"]:
         pytest.skip("this CPU lacks AVX2: the haswell library cannot run here")
     library = _tvm.export(executable, tmp_path / "model.so")
