@@ -441,8 +441,9 @@ def _cpu_pipeline(
     """TVM's CPU pipeline with a schedule pass after legalization and fusion.
 
     `schedules`: "dsopt" (this section's rules) or "dlight" (dlight's CPU GEMV/Reduction);
-    `int8`: "vnni" puts int8 kernels in first (dsopt schedules only), "float" leaves the
-    integer-valued float convolutions as they are.
+    With "dsopt" schedules, dsopt's Relax kernels go in before legalization (`_kernel_pass`):
+    upsampling conv2d_transpose always; int8 conv2d/matmul when `int8` is "vnni" ("float"
+    leaves the integer-valued float convolutions as they are).
     """
     tvm = _load()
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -457,7 +458,7 @@ def _cpu_pipeline(
 
                 scheduler = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())
             else:
-                scheduler = _cpu_schedule_pass(target, stats)
+                scheduler = _cpu_schedule_pass(target, counts)
             kernels = [_kernel_pass(counts, int8 == "vnni")] if schedules == "dsopt" else []
             passes = [
                 *cpu.library_dispatch_passes(target),
@@ -472,7 +473,7 @@ def _cpu_pipeline(
     return pipeline
 
 
-# -- int8 kernels (x86 AVX-512 VNNI) -------------------------------------------------------------
+# -- dsopt's Relax kernels: int8 (x86 AVX-512 VNNI), upsampling conv2d_transpose ----------------
 # TVM imports legalize-quantized's output as float convolutions of integer-valued tensors
 # (`conv2d(float(x) - zp, W)`) and int32 matmuls (`matmul(int32(a) - zp, B)`). On CPUs with
 # AVX-512 VNNI a Relax pass swaps those for int8 kernels: the activation stays uint8 (int8 is
@@ -552,13 +553,25 @@ def _constant(expr: Any) -> np.ndarray | None:
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
+def _bound(mutator: Any, expr: Any) -> Any:
+    """The value a dataflow variable is bound to (the expression itself otherwise)."""
+    from tvm import relax
+
+    value = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+    return expr if value is None else value
+
+
+def _unset_or(dtype: Any, *allowed: str) -> bool:
+    """Whether an op's `out_dtype` attribute is unset or one of `allowed`."""
+    return str(dtype) in ("", "None", "void", *allowed)
+
+
 def _int8_source(mutator: Any, expr: Any, dtype: str) -> tuple[Any, int] | None:
     """`(x, zp)` when `expr` is `astype(x, dtype) [- zp]`: x int8/uint8, zp one integer."""
     from tvm import relax
 
     def bound(e: Any) -> Any:
-        value = mutator.lookup_binding(e) if isinstance(e, relax.Var) else None
-        return e if value is None else value
+        return _bound(mutator, e)
 
     def is_op(e: Any, name: str) -> bool:
         return isinstance(e, relax.Call) and getattr(e.op, "name", "") == name
@@ -817,7 +830,7 @@ def _kernel_rewriter(mod: Any, stats: dict[str, int], int8: bool) -> Any:
                 "IOHW",
             ):
                 return None
-            if str(attrs.out_dtype) not in ("", "None", "void", str(x.ty.dtype)):
+            if not _unset_or(attrs.out_dtype, str(x.ty.dtype)):
                 return None
             shape = [int(d) for d in weight.ty.shape]
             strides = [int(v) for v in attrs.strides]
@@ -847,7 +860,7 @@ def _kernel_rewriter(mod: Any, stats: dict[str, int], int8: bool) -> Any:
                 "OIHW",
             ):
                 return None  # depthwise/grouped convs stay on the float path
-            if str(attrs.out_dtype) not in ("", "None", "void", "float32"):
+            if not _unset_or(attrs.out_dtype, "float32"):
                 return None
             source = _int8_source(self, call.args[0], "float32")
             weight = _constant(call.args[1])
@@ -873,9 +886,7 @@ def _kernel_rewriter(mod: Any, stats: dict[str, int], int8: bool) -> Any:
             if str(call.attrs.out_dtype) != "int32":
                 return None
             source = _int8_source(self, call.args[0], "int32")
-            rhs = call.args[1]
-            bound = self.lookup_binding(rhs) if isinstance(rhs, relax.Var) else None
-            weight = _constant(rhs if bound is None else bound)
+            weight = _constant(_bound(self, call.args[1]))
             if weight is None or weight.ndim != 2 or source is None:
                 return None
             split = _int8_weight(weight, 1)

@@ -264,6 +264,11 @@ def int8_kernels(target: Target, choice: str | None, schedules: str | None = Non
             schedules.
     """
     choice = choice or "auto"
+    if choice not in _INT8_KERNELS:
+        raise UsageError(
+            f"unknown int8 '{choice}' for target '{target.name}': use one of "
+            f"{', '.join(_INT8_KERNELS)}"
+        )
     if (schedules or target.schedules) != "dsopt":
         if choice == "vnni":
             raise UsageError(
@@ -271,11 +276,6 @@ def int8_kernels(target: Target, choice: str | None, schedules: str | None = Non
                 f" (target '{target.name}'): drop the schedules option or use int8 'float'"
             )
         return "float"
-    if choice not in _INT8_KERNELS:
-        raise UsageError(
-            f"unknown int8 '{choice}' for target '{target.name}': use one of "
-            f"{', '.join(_INT8_KERNELS)}"
-        )
     features = set(target.cpu_features)
     if target.host_cpu:
         from dsopt import _tvm

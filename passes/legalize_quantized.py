@@ -60,9 +60,9 @@ class LegalizeQuantized(Pass):
          still too wide: `skipped-range`. Only the bias too big (tiny scales)? It splits
          into `bias mod 4096` inside the conv and the rest added after (`split-bias`). For
          targets whose TVM lowering has int8 kernels (option `int8_kernels=vnni`, set by the
-         driver for x86 CPUs with AVX-512 VNNI),
-         ungrouped convs stay one conv whatever their range: the kernel sums in int32
-         (counted as `int32-kernel-sums`; a bias then rounds once more, within one step).
+         driver for x86 CPUs with AVX-512 VNNI), ungrouped convs stay one conv whatever their
+         range: the kernel sums in int32 (counted as `int32-kernel-sums`; a bias then rounds
+         once more, within one step).
       2. `ConvInteger` -> the same accumulation, cast to int32 (hi/lo partials cast first).
       3. `QLinearMatMul` -> `MatMulInteger` (int32), `Cast`, `* (as * bs / ys)`, quantize.
       4. com.microsoft `QGemm` -> `MatMulInteger` (B transposed as a constant), `+ C` in int32,
