@@ -84,6 +84,26 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--inputs", help="inputs for --check: .npz, folder of .npz, or test_data_set dir"
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8", "int8-dynamic", "int4"),
+        help="lower weights/compute after the lossless passes: fp16, int8 (static with "
+        "--calib, else dynamic), int8-dynamic, int4 (block-wise weights)",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="PATH",
+        help="calibration data for --precision int8: a folder of .npz feeds, one .npz with a "
+        "leading sample axis, or 'synthetic' (random; warns)",
+    )
+    p.add_argument(
+        "--calib-method",
+        choices=("minmax", "percentile", "entropy"),
+        help="activation range observer of static int8 (default minmax)",
+    )
+    p.add_argument(
+        "--block-size", type=int, metavar="N", help="int4 block size (power of two, 16-256)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +324,14 @@ def _run_with_progress(run: Any, args: argparse.Namespace, **kwargs: Any) -> Any
     On a terminal, a progress line shows the pass running and the node count.
     """
     options = _instrument_options(args)
+    config = _config(args)
+    if args.calib_method:
+        passes = dict(config.get("options") or {})
+        passes["quantize-static"] = {
+            **passes.get("quantize-static", {}),
+            "method": args.calib_method,
+        }
+        config = {**config, "options": passes}
     progress = _progress_context(0)
     if progress is not None:
         task = progress.add_task("optimizing", total=None)
@@ -315,7 +343,7 @@ def _run_with_progress(run: Any, args: argparse.Namespace, **kwargs: Any) -> Any
         return run(
             args.model,
             passes=args.passes,
-            config=_config(args),
+            config=config,
             verify=args.verify,
             shapes=_shapes(args.shape),
             inputs=_inputs(args.inputs, args.model),
@@ -323,6 +351,9 @@ def _run_with_progress(run: Any, args: argparse.Namespace, **kwargs: Any) -> Any
             atol=args.atol,
             host=_host(args),
             options=options,
+            precision=args.precision,
+            calibration=args.calib,
+            block_size=args.block_size,
             **kwargs,
         )
     finally:

@@ -22,6 +22,7 @@ from dsopt.ir import Module
 from dsopt.pass_infra import PassContext, PassManager, PipelineReport, Verify
 from dsopt.pipeline import Pipeline, default_pipeline, load_config, parse_pipeline
 from dsopt.plugin import PluginHost
+from dsopt.precision import FLOAT_ONLY_PASSES, precision_passes
 
 __all__ = [
     "CompileResult",
@@ -114,8 +115,14 @@ def optimize(
     host: PluginHost | None = None,
     rounds: int | None = None,
     options: Mapping[str, Any] | None = None,
+    precision: str | None = None,
+    calibration: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
+    block_size: int | None = None,
 ) -> OptimizeResult:
     """Runs a pipeline on `model` and returns the optimized module.
+
+    With a `precision` other than fp32, the lossless pipeline runs to its fixed point and the
+    precision passes (`dsopt.precision`) run once after it; `calibration` feeds static int8.
 
     Args:
         model: A path, ModelProto or Module; a path or proto is never modified.
@@ -131,13 +138,19 @@ def optimize(
         host: A plugin host to reuse (default: a fresh one).
         rounds: Override how often the pipeline repeats while it changes the model.
         options: Global options exposed to passes as `ctx.options`.
+        precision: fp32 (default), fp16, int8, int8-dynamic or int4 (`dsopt.precision`).
+        calibration: `--calib`: a folder of .npz feeds, one stacked .npz, feeds in memory,
+            or "synthetic" (random feeds; warns).
+        block_size: Block size of int4 weights.
     """
     settings = dict(config) if isinstance(config, Mapping) else load_config(config)
     host = host or PluginHost()
     passes = passes or settings.get("passes")
     target = target or settings.get("target")
     verify = verify or settings.get("verify", "end")
+    precision = precision or settings.get("precision")
     module, _ = _as_module(model)
+    calib = _calibration(calibration, module, shapes)
     original = module.to_proto() if check else None
     if isinstance(model, Module) and check:
         original = model.to_proto()
@@ -148,6 +161,14 @@ def optimize(
         options=settings.get("options"),
         rounds=rounds if rounds is not None else settings.get("rounds"),
     )
+    stage_text = precision_passes(
+        precision,
+        calibrated=calib is not None,
+        block_size=block_size,
+        legalize="legalize-quantized" in pipeline.names(),
+    )
+    if stage_text and precision != "fp16":
+        instances = [p for p in instances if p.name not in FLOAT_ONLY_PASSES]
     global_options: dict[str, Any] = {}
     host.hook.dsopt_add_options(options=global_options)
     global_options.update(options or {})
@@ -164,26 +185,72 @@ def optimize(
         hook=host.hook,
         fused_ops=target_obj.fused_ops if target_obj else frozenset(),
         max_opset=target_obj.opset if target_obj else None,
+        calibration=calib,
     )
     manager = PassManager(instances, verify=verify, rounds=pipeline.rounds)  # type: ignore[arg-type]
     report = manager.run(module, ctx)
-    result = OptimizeResult(module=module, report=report, pipeline=str(pipeline))
+    pipeline_text = str(pipeline)
+    if stage_text:
+        stage = parse_pipeline(stage_text).with_options(settings.get("options") or {})
+        stage_passes = [host.get_pass(e.name).from_options(e.options) for e in stage.entries]
+        stage_report = PassManager(stage_passes, verify=verify).run(module, ctx)  # type: ignore[arg-type]
+        _extend_report(report, stage_report)
+        instances = [*instances, *stage_passes]
+        pipeline_text += " | " + str(stage)
+    result = OptimizeResult(module=module, report=report, pipeline=pipeline_text)
     # A lossy pass that changed the model (e.g. convert-float16) declares its error bound:
     # the check allows it.
     changed = {record.name for record in report.passes if record.changed}
-    bounds = [
-        float(p.tolerance or 0.0) for p in instances if p.exactness == "lossy" and p.name in changed
-    ]
+    lossy = [p for p in instances if p.exactness == "lossy" and p.name in changed]
+    bounds = [float(p.tolerance or 0.0) for p in lossy if p.bound == "absolute"]
     if bounds:
         rtol, atol = max(rtol, *bounds), max(atol, *bounds)
+    relative = max(
+        (float(p.tolerance or 0.0) for p in lossy if p.bound == "relative"), default=None
+    )
     if check:
         from dsopt import numerics
 
         assert original is not None
+        if inputs is None and calib is not None and relative is not None:
+            inputs = list(calib.limited(4))  # real inputs judge a quantized model
         result.equivalence = numerics.check_equivalence(
-            original, module.to_proto(), inputs=inputs, shapes=shapes, rtol=rtol, atol=atol
+            original,
+            module.to_proto(),
+            inputs=inputs,
+            shapes=None if inputs is not None else shapes,
+            rtol=rtol,
+            atol=atol,
+            relative=relative,
         )
     return result
+
+
+def _calibration(source: Any, module: Module, shapes: Mapping[str, Sequence[int]] | None) -> Any:
+    """`--calib` as CalibrationData (None when not given)."""
+    if source is None:
+        return None
+    from dsopt.quant.calibration import CalibrationData
+
+    if isinstance(source, CalibrationData):
+        return source
+    proto = module.skeleton_proto(main_only=True)
+    if isinstance(source, str) and source == "synthetic":
+        return CalibrationData.synthetic(proto, shapes=shapes)
+    if isinstance(source, (str, os.PathLike)):
+        return CalibrationData.load(source, proto)
+    return CalibrationData.from_feeds(list(source))
+
+
+def _extend_report(report: PipelineReport, stage: PipelineReport) -> None:
+    """Appends the precision stage's records to the main pipeline's report."""
+    offset = len(report.passes)
+    for record in stage.passes:
+        record.position += offset
+        report.passes.append(record)
+    report.after = stage.after
+    report.seconds += stage.seconds
+    report.verification = stage.verification
 
 
 def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
@@ -202,6 +269,9 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     host: PluginHost | None = None,
     options: Mapping[str, Any] | None = None,
     tune: Mapping[str, Any] | None = None,
+    precision: str | None = None,
+    calibration: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
+    block_size: int | None = None,
 ) -> CompileResult:
     """Optimizes `model` for `target` and writes OUTDIR (model, manifest.json, report.json).
 
@@ -243,6 +313,9 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
         atol=atol,
         host=host,
         options=options,
+        precision=precision,
+        calibration=calibration,
+        block_size=block_size,
     )
     if result.equivalence is not None and not result.equivalence.ok:
         bad = [o for o in result.equivalence.outputs if not o.within_tolerance]

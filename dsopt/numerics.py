@@ -829,12 +829,14 @@ class EquivalenceReport:
         samples: How many input samples were run.
         rtol: Relative tolerance used.
         atol: Absolute tolerance used.
+        relative: The whole-output bound used (see `compare_outputs`), if any.
     """
 
     outputs: list[OutputComparison]
     samples: int
     rtol: float
     atol: float
+    relative: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -852,6 +854,7 @@ class EquivalenceReport:
             "samples": int(self.samples),
             "rtol": float(self.rtol),
             "atol": float(self.atol),
+            **({"relative": float(self.relative)} if self.relative is not None else {}),
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -878,25 +881,31 @@ def compare_outputs(
     *,
     rtol: float,
     atol: float,
+    relative: float | None = None,
 ) -> list[OutputComparison]:
     """Compares outputs matched by name.
 
     A float element passes when `|c - r| <= atol + rtol * |r|` (in float64), NaN positions agree
     and infinities agree exactly; integer, bool and string elements must be equal. A missing
     output, a shape mismatch or a dtype mismatch makes the output fail; it is recorded, not
-    raised.
+    raised. With `relative` (the bound of lossy passes such as int8 quantization) a float
+    output that fails elementwise still passes as a whole when its cosine is at least
+    `1 - relative` and its relative L2 error at most `sqrt(2 * relative)` (both catch outputs
+    rounded to zero), and at most a `relative` fraction of an integer output's elements (e.g.
+    argmax) may differ.
 
     Args:
         reference: Outputs of the original model.
         candidate: Outputs of the candidate model.
         rtol: Relative tolerance.
         atol: Absolute tolerance.
+        relative: The whole-output bound described above; None compares elementwise.
 
     Returns:
         One comparison per reference output, then one per output only the candidate has.
     """
     results = [
-        _compare_one(name, np.asarray(ref), candidate.get(name), rtol, atol)
+        _compare_one(name, np.asarray(ref), candidate.get(name), rtol, atol, relative)
         for name, ref in reference.items()
     ]
     for name, cand in candidate.items():
@@ -920,7 +929,12 @@ def compare_outputs(
 
 
 def _compare_one(
-    name: str, ref: Array, cand_value: Array | None, rtol: float, atol: float
+    name: str,
+    ref: Array,
+    cand_value: Array | None,
+    rtol: float,
+    atol: float,
+    relative: float | None = None,
 ) -> OutputComparison:
     result = OutputComparison(
         name=name,
@@ -952,6 +966,8 @@ def _compare_one(
         result.within_tolerance = result.mismatched == 0 and result.problem is None
         return result
     _fill_metrics(result, ref, cand, rtol, atol, exact=ref_kind == cand_kind == "exact")
+    if relative is not None and result.problem is None and not result.within_tolerance:
+        result.within_tolerance = _within_relative(result, relative, ref_kind == "exact")
     if result.problem is not None:
         result.within_tolerance = False
     elif result.nan_mismatch or result.inf_mismatch:
@@ -959,6 +975,16 @@ def _compare_one(
             f"NaN differs at {result.nan_mismatch}, infinity at {result.inf_mismatch} elements"
         )
     return result
+
+
+def _within_relative(result: OutputComparison, relative: float, exact: bool) -> bool:
+    if result.nan_mismatch or result.inf_mismatch:
+        return False
+    if exact:
+        return result.mismatched <= relative * max(result.elements, 1)
+    cosine = 1.0 if result.cosine is None else result.cosine
+    rel_l2 = 0.0 if result.rel_l2_error is None else result.rel_l2_error
+    return cosine >= 1.0 - relative and rel_l2 <= math.sqrt(2.0 * relative)
 
 
 def _value_kind(dtype: np.dtype[Any]) -> str:
@@ -1065,6 +1091,7 @@ def check_equivalence(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     threads: int = 1,
+    relative: float | None = None,
 ) -> EquivalenceReport:
     """Runs both models on the same inputs and compares every output.
 
@@ -1079,6 +1106,7 @@ def check_equivalence(
         rtol: Relative tolerance (see `compare_outputs`).
         atol: Absolute tolerance.
         threads: onnxruntime's intra-op thread count.
+        relative: Whole-output bound of lossy passes (see `compare_outputs`).
 
     Returns:
         The report; per output, the worst comparison over all samples.
@@ -1126,14 +1154,16 @@ def check_equivalence(
     ):
         for k, feeds in enumerate(feeds_list):
             comparisons = compare_outputs(
-                reference.run(feeds), checked.run(feeds), rtol=rtol, atol=atol
+                reference.run(feeds), checked.run(feeds), rtol=rtol, atol=atol, relative=relative
             )
             for comparison in comparisons:
                 comparison.sample = k
                 per_output.setdefault(comparison.name, []).append(comparison)
             logger.debug("sample %d: %s", k, [c.describe() for c in comparisons])
     outputs = [_worst(group) for group in per_output.values()]
-    return EquivalenceReport(outputs=outputs, samples=len(feeds_list), rtol=rtol, atol=atol)
+    return EquivalenceReport(
+        outputs=outputs, samples=len(feeds_list), rtol=rtol, atol=atol, relative=relative
+    )
 
 
 def _check_same_inputs(original: Sequence[_InputSpec], candidate: Sequence[_InputSpec]) -> None:

@@ -71,8 +71,11 @@ class Pass:
 
     Class attributes declare the metadata: `name` (kebab-case, unique), `summary` (one line),
     `stage`, `exactness` (`exact`, `reassoc` or `lossy`), `tolerance` (error bound of a lossy
-    pass), `opsets` (inclusive default-domain range; None = open). `run` mutates the module in
-    place and returns a PassResult.
+    pass), `bound` (how the tolerance reads: `absolute` per element, or `relative` per output:
+    cosine >= 1 - tolerance and relative L2 <= sqrt(2 * tolerance), for passes such as int8
+    quantization whose element error depends on the model's ranges), `opsets` (inclusive
+    default-domain range; None = open). `run` mutates the module in place and returns a
+    PassResult.
     """
 
     name: ClassVar[str] = ""
@@ -80,6 +83,7 @@ class Pass:
     stage: ClassVar[str] = "canonicalize"
     exactness: ClassVar[Exactness] = "exact"
     tolerance: ClassVar[float | None] = None
+    bound: ClassVar[Literal["absolute", "relative"]] = "absolute"
     opsets: ClassVar[tuple[int | None, int | None]] = (None, None)
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:  # pragma: no cover

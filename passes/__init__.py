@@ -26,6 +26,9 @@ from dsopt.passes.fuse_matmul_add import FuseMatmulAdd
 from dsopt.passes.inline_constants import InlineConstants
 from dsopt.passes.legalize_quantized import LegalizeQuantized
 from dsopt.passes.merge_layout_chains import MergeLayoutChains
+from dsopt.passes.quantize_dynamic import QuantizeDynamic
+from dsopt.passes.quantize_static import QuantizeStatic
+from dsopt.passes.quantize_weights import QuantizeWeights
 from dsopt.passes.simplify_shapes import SimplifyShapes
 from dsopt.passes.upgrade_opset import UpgradeOpset
 from dsopt.plugin import PassRegistry
@@ -49,6 +52,9 @@ BUILTIN_PASSES = (
     MergeLayoutChains,
     FoldPad,
     FuseContribOps,
+    QuantizeWeights,
+    QuantizeStatic,
+    QuantizeDynamic,
     LegalizeQuantized,
     ConvertFloat16,
 )

@@ -1,0 +1,64 @@
+"""`--precision` presets: the passes that lower a cleaned-up model to fewer bits.
+
+The lossless pipeline runs first, to its fixed point; the precision passes then run once, in
+order, so a later round of folding can never undo a quantization (folding a DequantizeLinear
+of an int8 weight back into float32, say).
+"""
+
+from __future__ import annotations
+
+from dsopt.errors import UsageError
+
+__all__ = ["PRECISIONS", "precision_passes"]
+
+#: What each preset does, for `--help` and errors.
+PRECISIONS: dict[str, str] = {
+    "fp32": "no precision change (default)",
+    "fp16": "float16 weights and compute, float32 where fp16 would overflow",
+    "int8": "static int8 from --calib (Q/DQ the runtime fuses); without --calib: int8-dynamic",
+    "int8-dynamic": "int8 MatMul/Gemm weights, activations quantized at run time",
+    "int4": "4-bit block-wise MatMul/Gemm and embedding weights (--block-size, default 32)",
+}
+
+#: Lossless passes that hide ops from quantization: com.microsoft float fusions.
+FLOAT_ONLY_PASSES = ("fuse-contrib-ops",)
+
+
+def precision_passes(
+    precision: str | None,
+    *,
+    calibrated: bool,
+    block_size: int | None = None,
+    legalize: bool = False,
+) -> str | None:
+    """The pipeline text the precision stage runs, or None for fp32.
+
+    Args:
+        precision: A key of `PRECISIONS` (None: fp32).
+        calibrated: Whether calibration data was given (static int8 needs it).
+        block_size: Block size of int4 weights.
+        legalize: Append `legalize-quantized` (TVM targets lower quantized ops with it).
+
+    Raises:
+        UsageError: Unknown precision, or a block size given for another precision.
+    """
+    if precision in (None, "fp32"):
+        return None
+    if precision not in PRECISIONS:
+        raise UsageError(
+            f"--precision {precision} is unknown",
+            hint="choose one of " + ", ".join(PRECISIONS),
+        )
+    if block_size is not None and precision != "int4":
+        raise UsageError(f"--block-size applies to --precision int4, not {precision}")
+    if precision == "fp16":
+        return "convert-float16"
+    if precision == "int8" and calibrated:
+        text = "upgrade-opset{to=13},quantize-static,quantize-weights{bits=8}"
+    elif precision in ("int8", "int8-dynamic"):
+        text = "quantize-dynamic,quantize-weights{bits=8}"
+    else:
+        block = f",block_size={block_size}" if block_size is not None else ""
+        text = f"quantize-weights{{bits=4{block}}},quantize-weights{{bits=8}}"
+    text += ",eliminate-dead"
+    return text + (",legalize-quantized" if legalize else "")
