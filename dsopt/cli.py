@@ -182,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIMS",
         help="fix an input shape so FLOPs of dynamic models can be counted",
     )
+    p.add_argument(
+        "--quant",
+        metavar="REFERENCE",
+        help="report MODEL's per-tensor quantization error (SQNR) against this float model",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="PATH",
+        help="samples for --quant: a folder of .npz feeds, one .npz with a leading sample "
+        "axis, or 'synthetic' (random; warns; the default)",
+    )
+    p.add_argument(
+        "--samples", type=int, metavar="N", help="use at most N samples for --quant (default 8)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
 
@@ -190,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pass_name", metavar="PASS", help="a rule-based pass, e.g. fuse-batch-norm")
     p.add_argument("--target", help="target whose fused ops and opset apply (default: none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
+    p = sub.add_parser(
+        "lint", help="which Q/DQ a target will not fuse and which ops run in float between them"
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--target", default="onnxruntime", help="target whose runtime fuses (default onnxruntime)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--strict", action="store_true", help="exit 1 when there is any finding")
     _common(p)
 
     p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime")
@@ -409,6 +434,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if result.equivalence is not None:
         report["equivalence"] = result.equivalence.to_dict()
         _print_equivalence(result.equivalence, console)
+    report.update(result.quant_error_entry())
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     _print_report_summary(result.report, console)
@@ -591,6 +617,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from dsopt import summary
     from dsopt.ir import load
 
+    if args.quant:
+        return _inspect_quant(args)
+    if args.calib or args.samples is not None:
+        raise UsageError("--calib and --samples apply to inspect --quant REFERENCE")
     model = load(args.model)
     for name, dims in (_shapes(args.shape) or {}).items():
         _fix_input_shape(model, name, dims)
@@ -599,6 +629,28 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         summary.render(result, _console())
+    return ExitCode.OK
+
+
+def _inspect_quant(args: argparse.Namespace) -> int:
+    """`inspect QUANTIZED --quant REFERENCE`: per-tensor error on calibration samples."""
+    from dsopt.ir import load
+    from dsopt.quant import error_report
+    from dsopt.quant.calibration import CalibrationData
+
+    quantized, reference = load(args.model), load(args.quant)
+    samples = 8 if args.samples is None else args.samples
+    if samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {samples}")
+    if args.calib in (None, "synthetic"):
+        data = CalibrationData.synthetic(reference, samples, shapes=_shapes(args.shape))
+    else:
+        data = CalibrationData.load(args.calib, reference)
+    report = error_report.tensor_errors(reference, quantized, data, limit=samples)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        error_report.render(report, _console())
     return ExitCode.OK
 
 
@@ -627,6 +679,31 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         console.print(f"[bold]{rule}[/bold]: " + ("no failed matches" if not why else ""))
         for reason in why[:10]:
             console.print(f"  - {reason}")
+    return ExitCode.OK
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from dsopt.quant.lint import lint
+
+    target = _host(args).get_target(args.target)
+    report = lint(args.model, target)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        console = _console()
+        if report.findings:
+            from rich.table import Table
+
+            table = Table(title=f"lint: {args.model} on {target.name} ({report.runtime})")
+            for column in ("kind", "node", "op", "why / what to do"):
+                table.add_column(column, overflow="fold")
+            for f in report.findings:
+                node = f"{f.graph}/{f.node}" if f.graph else f.node
+                table.add_row(f.kind, node or f.tensor, f.op, f.message)
+            console.print(table)
+        console.print(report.summary(), soft_wrap=True)
+    if args.strict and report.findings:
+        return ExitCode.CHECK_FAILED
     return ExitCode.OK
 
 
@@ -693,4 +770,5 @@ _COMMANDS = {
     "inspect": _cmd_inspect,
     "verify": _cmd_verify,
     "explain": _cmd_explain,
+    "lint": _cmd_lint,
 }

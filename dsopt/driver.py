@@ -34,23 +34,40 @@ __all__ = [
 ]
 
 MANIFEST_VERSION = 1
+#: Samples of the per-tensor quantization error report (and of a quantized model's check).
+QUANT_ERROR_SAMPLES = 4
+#: Tensors and weights report.json lists, worst first.
+QUANT_ERROR_WORST = 20
+#: Larger models get no error report: it would hold a second copy of the weights.
+QUANT_ERROR_MAX_BYTES = 1 << 30
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class OptimizeResult:
-    """The optimized module, the pipeline report and (with `check`) the equivalence report."""
+    """The optimized module, the pipeline report and (with `check`) the equivalence report.
+
+    `quant_error` is the per-tensor error report of an int8/int4 precision stage
+    (`dsopt.quant.error_report.QuantErrorReport`), None when none ran.
+    """
 
     module: Module
     report: PipelineReport
     pipeline: str
     equivalence: Any = None
+    quant_error: Any = None
 
     @property
     def model(self) -> onnx.ModelProto:
         """The optimized model as a ModelProto."""
         return self.module.to_proto()
+
+    def quant_error_entry(self) -> dict[str, Any]:
+        """`{"quant_error": worst tensors and weights}` for report.json; {} without one."""
+        if self.quant_error is None:
+            return {}
+        return {"quant_error": self.quant_error.to_dict(worst=QUANT_ERROR_WORST)}
 
 
 @dataclasses.dataclass
@@ -190,6 +207,9 @@ def optimize(
     manager = PassManager(instances, verify=verify, rounds=pipeline.rounds)  # type: ignore[arg-type]
     report = manager.run(module, ctx)
     pipeline_text = str(pipeline)
+    before_stage = None
+    if stage_text and precision != "fp16" and report.after["bytes"] <= QUANT_ERROR_MAX_BYTES:
+        before_stage = module.to_proto()
     if stage_text:
         stage = parse_pipeline(stage_text).with_options(settings.get("options") or {})
         stage_passes = [host.get_pass(e.name).from_options(e.options) for e in stage.entries]
@@ -208,12 +228,14 @@ def optimize(
     relative = max(
         (float(p.tolerance or 0.0) for p in lossy if p.bound == "relative"), default=None
     )
+    if inputs is None and calib is not None and relative is not None:
+        inputs = list(calib.limited(QUANT_ERROR_SAMPLES))  # real inputs judge a quantized model
+    if before_stage is not None and lossy:
+        result.quant_error = _quant_error(before_stage, module.to_proto(), inputs, shapes)
     if check:
         from dsopt import numerics
 
         assert original is not None
-        if inputs is None and calib is not None and relative is not None:
-            inputs = list(calib.limited(4))  # real inputs judge a quantized model
         result.equivalence = numerics.check_equivalence(
             original,
             module.to_proto(),
@@ -224,6 +246,25 @@ def optimize(
             relative=relative,
         )
     return result
+
+
+def _quant_error(
+    reference: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    inputs: Sequence[Mapping[str, Any]] | None,
+    shapes: Mapping[str, Sequence[int]] | None,
+) -> Any:
+    """The precision stage's per-tensor error on the check's samples (None if it cannot run)."""
+    from dsopt import numerics
+    from dsopt.errors import DsoptError
+    from dsopt.quant.error_report import tensor_errors
+
+    try:
+        samples = inputs or [numerics.random_inputs(reference, shapes=shapes)]
+        return tensor_errors(reference, quantized, samples, limit=QUANT_ERROR_SAMPLES)
+    except DsoptError as e:
+        logger.warning("no quantization error report: %s", e.message)
+        return None
 
 
 def _calibration(source: Any, module: Module, shapes: Mapping[str, Sequence[int]] | None) -> Any:
@@ -357,6 +398,7 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
             "seconds": round(time.perf_counter() - started, 6),
             **result.report.to_dict(),
             "equivalence": result.equivalence.to_dict() if result.equivalence else None,
+            **result.quant_error_entry(),
             "lowering_seconds": round(lowering_seconds, 6),
             "library_check": library_check,
         }

@@ -31,7 +31,7 @@ DEFAULT_PIPELINE = (
     "inline-constants,eliminate-noops,simplify-shapes,fold-constants,upgrade-opset,"
     "fuse-batch-norm,fold-bias-add,fold-conv-scale,fuse-matmul-add,fuse-activations,"
     "fuse-layer-norm,fuse-attention,fold-constant-chains,merge-layout-chains,fold-pad,"
-    "fuse-contrib-ops,"
+    "fuse-contrib-ops,fold-qdq,"
     "eliminate-common-subexpressions,eliminate-dead"
 )
 

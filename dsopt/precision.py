@@ -60,5 +60,5 @@ def precision_passes(
     else:
         block = f",block_size={block_size}" if block_size is not None else ""
         text = f"quantize-weights{{bits=4{block}}},quantize-weights{{bits=8}}"
-    text += ",eliminate-dead"
+    text += ",fold-qdq,eliminate-dead"
     return text + (",legalize-quantized" if legalize else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dsopt import hookimpl
 from dsopt.passes.convert_float16 import ConvertFloat16
+from dsopt.passes.convert_qoperator import ConvertQoperator
 from dsopt.passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from dsopt.passes.eliminate_dead import EliminateDead
 from dsopt.passes.eliminate_noops import EliminateNoops
@@ -17,6 +18,7 @@ from dsopt.passes.fold_constant_chains import FoldConstantChains
 from dsopt.passes.fold_constants import FoldConstants
 from dsopt.passes.fold_conv_scale import FoldConvScale
 from dsopt.passes.fold_pad import FoldPad
+from dsopt.passes.fold_qdq import FoldQdq
 from dsopt.passes.fuse_activations import FuseActivations
 from dsopt.passes.fuse_attention import FuseAttention
 from dsopt.passes.fuse_batch_norm import FuseBatchNorm
@@ -52,6 +54,8 @@ BUILTIN_PASSES = (
     MergeLayoutChains,
     FoldPad,
     FuseContribOps,
+    FoldQdq,
+    ConvertQoperator,
     QuantizeWeights,
     QuantizeStatic,
     QuantizeDynamic,

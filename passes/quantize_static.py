@@ -16,28 +16,9 @@ from dsopt.pass_infra import Pass, PassContext, PassResult
 from dsopt.pattern import fresh_name, is_graph_output, read_constant, topological_order
 from dsopt.quant import calibration
 from dsopt.quant.grid import INT8, UINT8, affine_params, per_channel_symmetric
+from dsopt.quant.kernels import COMPUTE_OPS, INT8_OPS, SHARED_SCALE_OPS
 
 __all__ = ["COMPUTE_OPS", "INT8_OPS", "SHARED_SCALE_OPS", "QuantizeStatic"]
-
-#: Weight-bearing ops that run as int8 kernels (QLinearConv, QLinearMatMul, QGemm): input
-#: index of the weight -> its per-channel (output-channel) axis, given the node.
-COMPUTE_OPS: dict[str, int] = {"Conv": 1, "MatMul": 1, "Gemm": 1}
-
-#: Ops onnxruntime's CPU provider runs on int8 when Q/DQ surround them (QLinearAdd, ...);
-#: measured on onnxruntime 1.32. HardSigmoid, HardSwish, Tanh, Sub, Div, Pad, ReduceMean
-#: and linear Resize stay float there, so they are not quantized.
-INT8_OPS = frozenset(
-    {"Add", "Mul", "Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool", "Concat", "Softmax"}
-)
-
-#: Data movement onnxruntime runs on the integer tensor when input and output share one
-#: scale (it drops the Q/DQ): their outputs inherit their input's parameters.
-SHARED_SCALE_OPS = frozenset(
-    {
-        "MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split",
-        "Resize", "DepthToSpace", "SpaceToDepth", "Identity",
-    }
-)  # fmt: skip
 
 #: Activations folded into the int8 op before them: the Q after them clamps the same way.
 _ABSORBED = frozenset({"Relu", "Clip"})
@@ -349,10 +330,9 @@ class _Planner:
             constants = [t for t in node.inputs if read_constant(t) is not None]
             if node.op in ("Add", "Mul") and constants:
                 return False  # a constant operand would be rounded to the activation grid
-        from_island = any(self._from_island(t, joined) for t in inputs)
-        if node.op in SHARED_SCALE_OPS:
-            return from_island
-        return from_island
+        if node.op == "Resize" and _text(node.attrs.get("mode", "nearest")) != "nearest":
+            return False  # linear Resize runs in float: a Q/DQ around it is pure cost
+        return any(self._from_island(t, joined) for t in inputs)
 
     def _mixed_ranges(self, stats: dict[str, calibration.RangeStats]) -> set[int]:
         """Concat outputs whose inputs' ranges differ by more than `concat_ratio`."""
@@ -556,3 +536,8 @@ def _channel_axis(node: gs.Node, weight: np.ndarray) -> int | None:
     if node.op == "MatMul" and weight.ndim == 2:
         return 1
     return None
+
+
+def _text(value: Any) -> str:
+    """An ONNX string attribute as str (graphsurgeon may keep bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

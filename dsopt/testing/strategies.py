@@ -1739,3 +1739,448 @@ def random_feeds(
             raise ValueError(f"input {graph_input.name!r} has unsupported type {dtype}")
         feeds[graph_input.name] = array
     return feeds
+
+
+# ---------------------------------------------------------------------------------------------
+# QDQ models: `models` draws with QuantizeLinear -> DequantizeLinear pairs inserted.
+
+#: Ops whose output holds only values of their data inputs, so equal QDQ parameters fit both.
+_QDQ_LAYOUT_OPS = frozenset(
+    ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Slice", "Concat")
+    + ("Gather", "Identity")
+)
+#: Ops `qdq_models` sometimes quantizes whole (float operands and result), as a static
+#: quantizer writes a QDQ island.
+_QDQ_ISLAND_OPS = frozenset(("Conv", "MatMul", "Gemm", "Add", "Mul"))
+_QDQ_WEIGHT_OPS = frozenset(("Conv", "MatMul", "Gemm"))
+_QDQ_MIN_SCALE = 1e-8
+_QDQ_KINDS = ("uint8", "int8-symmetric", "int8")
+#: int8 weights use 7 bits (onnxruntime's `reduce_range`), so that the u8s8 kernels of CPUs
+#: without VNNI cannot saturate their 16-bit pair sums.
+_QDQ_WEIGHT_LIMIT = 63
+
+
+@dataclasses.dataclass(frozen=True)
+class _QdqParams:
+    """The parameters of one quantized tensor: per tensor (`axis` None) or along `axis`."""
+
+    dtype: type[np.integer[Any]]
+    scale: np.ndarray  # float32, 0-D or 1-D
+    zero_point: np.ndarray  # of `dtype`, shaped like `scale`
+    axis: int | None = None
+
+
+def _qdq_broadcast(array: np.ndarray, params: _QdqParams, rank: int) -> np.ndarray:
+    if params.axis is None:
+        return array
+    shape = [1] * rank
+    shape[params.axis] = -1
+    return array.reshape(shape)
+
+
+def _qdq_quantize(values: np.ndarray, params: _QdqParams) -> np.ndarray:
+    """`QuantizeLinear` as onnxruntime computes it: x / scale in float32, half to even, clip."""
+    scale = _qdq_broadcast(params.scale, params, values.ndim)
+    zero = _qdq_broadcast(params.zero_point.astype(np.float64), params, values.ndim)
+    info = np.iinfo(params.dtype)
+    quotient = np.rint(np.asarray(values, np.float32) / scale).astype(np.float64)
+    return np.clip(quotient + zero, info.min, info.max).astype(params.dtype)
+
+
+def _qdq_range(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor (1-element) or per-slice-along-`axis` bounds, widened to include 0."""
+    if axis is None:
+        rows = values.reshape(1, -1)
+    else:
+        rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    low = np.minimum(rows.min(axis=1).astype(np.float64), 0.0)
+    high = np.maximum(rows.max(axis=1).astype(np.float64), 0.0)
+    return low, high
+
+
+def _qdq_params(
+    low: np.ndarray, high: np.ndarray, kind: str, axis: int | None, limit: int = 127
+) -> _QdqParams:
+    """`uint8`/`int8` asymmetric or `int8-symmetric` (|q| <= limit) parameters for a range."""
+    if kind == "int8-symmetric":
+        largest = np.maximum(-low, high)
+        scale = np.where(largest > 0, largest, 1.0) / limit
+        zero = np.zeros(scale.shape)
+    else:
+        span = high - low
+        scale = np.where(span > 0, span, 1.0) / 255
+        zero = np.rint(-low / scale) + (0 if kind == "uint8" else -128)
+    dtype = np.uint8 if kind == "uint8" else np.int8
+    info = np.iinfo(dtype)
+    scale = np.maximum(scale, _QDQ_MIN_SCALE).astype(np.float32)
+    zero = np.clip(zero, info.min, info.max).astype(dtype)
+    if axis is None:
+        return _QdqParams(dtype, scale.reshape(()), zero.reshape(()))
+    return _QdqParams(dtype, scale, zero, axis)
+
+
+def _qdq_observe(model: onnx.ModelProto, float_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The values of `float_names` (and the float feeds) on `random_feeds(model)`."""
+    import onnxruntime as ort
+
+    feeds = random_feeds(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    exposed = {o.name for o in probe.graph.output} | set(feeds)
+    for name in float_names:
+        if name not in exposed:
+            probe.graph.output.append(helper.make_tensor_value_info(name, _FLOAT, None))
+            exposed.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, feeds), strict=True))
+    values.update((name, value) for name, value in feeds.items() if value.dtype == np.float32)
+    return values
+
+
+class _QdqDrawer:
+    """Inserts Q -> DQ pairs into one drawn model, with parameters from its observed ranges."""
+
+    def __init__(
+        self, draw: st.DrawFn, model: onnx.ModelProto, per_axis: bool, max_abs: float | None
+    ) -> None:
+        self._draw = draw
+        self.model = model
+        self.graph = model.graph
+        self.per_axis = per_axis
+        self.max_abs = max_abs
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        self.dims: dict[str, list[int | None]] = {}
+        floats: list[str] = []
+        for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            tensor_type = info.type.tensor_type
+            self.dims[info.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            ]
+            if tensor_type.elem_type == _FLOAT:
+                floats.append(info.name)
+        self.initializers = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.values = _qdq_observe(model, [n for n in floats if n not in self.initializers])
+        self.params: dict[str, _QdqParams] = {}
+        self.weights: dict[str, tuple[_QdqParams, bool]] = {}  # name: params, stored as int
+        self.biases: dict[str, _QdqParams] = {}
+        self.redundant: set[str] = set()
+        self.initializer_protos: list[onnx.TensorProto] = []
+        self.kind = self.choice(_QDQ_KINDS)  # most activations share one scheme, as in exports
+
+    # -- drawing ---------------------------------------------------------------------------
+    def chance(self, percent: int) -> bool:
+        return int(self._draw(_integers(0, 99))) >= 100 - percent
+
+    def choice(self, options: Sequence[_T]) -> _T:
+        return options[int(self._draw(_integers(0, len(options) - 1)))]
+
+    # -- choosing --------------------------------------------------------------------------
+    def is_activation(self, name: str) -> bool:
+        """A float32 tensor computed at run time (or fed) with finite observed values."""
+        value = self.values.get(name)
+        if value is None or name in self.initializers or value.dtype != np.float32:
+            return False
+        if not value.size or not np.isfinite(value).all():
+            return False
+        return self.max_abs is None or float(np.abs(value).max()) <= self.max_abs
+
+    def activation_params(self, values: np.ndarray, name: str | None = None) -> _QdqParams:
+        """Parameters covering `values`: per tensor, or (for tensor `name`) sometimes per axis."""
+        axis = None
+        if name is not None and self.per_axis and self.chance(20):
+            dims = self.dims.get(name, [])
+            axes = [i for i, d in enumerate(dims) if d is not None and 2 <= d <= 64]
+            if len(dims) >= 2 and axes:
+                axis = self.choice(axes)
+        low, high = _qdq_range(values, axis)
+        headroom = self.choice((1.0, 1.1, 1.5))
+        kind = self.kind if self.chance(75) else self.choice(_QDQ_KINDS)
+        return _qdq_params(low * headroom, high * headroom, kind, axis)
+
+    def plan(self) -> None:
+        """Chooses which tensors get Q -> DQ pairs, and their parameters."""
+        nodes = list(self.graph.node)
+        for node in nodes:  # equal parameters on both sides of layout ops
+            if node.op_type in _QDQ_LAYOUT_OPS and node.output and self.chance(50):
+                self._plan_layout(node)
+        for node in nodes:  # whole islands around compute ops
+            if node.op_type in _QDQ_ISLAND_OPS and self.chance(50):
+                self._plan_island(node)
+        for node in nodes:  # single tensors, and float weights alone (the QAT export pattern)
+            for name in node.output:
+                if name not in self.params and self.is_activation(name) and self.chance(20):
+                    self.params[name] = self.activation_params(self.values[name], name)
+            if node.op_type in _QDQ_WEIGHT_OPS and self.chance(25):
+                self._plan_weight(node)
+        for graph_input in self.graph.input:
+            name = graph_input.name
+            if name not in self.params and self.is_activation(name) and self.chance(20):
+                self.params[name] = self.activation_params(self.values[name], name)
+        self.redundant = {name for name in self.params if self.chance(15)}
+
+    def _plan_layout(self, node: onnx.NodeProto) -> None:
+        data = list(node.input) if node.op_type == "Concat" else list(node.input[:1])
+        tensors = [*data, node.output[0]]
+        if not all(self.is_activation(name) for name in tensors):
+            return
+        chosen = {id(self.params[n]): self.params[n] for n in tensors if n in self.params}
+        if len(chosen) > 1:
+            return
+        if chosen:
+            (params,) = chosen.values()
+            if params.axis is not None:
+                return
+        else:
+            joined = np.concatenate([self.values[name].reshape(-1) for name in tensors])
+            params = self.activation_params(joined)
+        for name in tensors:
+            self.params.setdefault(name, params)
+
+    def _plan_island(self, node: onnx.NodeProto) -> None:
+        operands = list(node.input[:2])
+        if not all(self.is_activation(n) or n in self.initializers for n in operands):
+            return
+        if not self.is_activation(node.output[0]):
+            return
+        outputs = [node.output[0]]
+        if node.op_type in _QDQ_WEIGHT_OPS and self.chance(25):
+            outputs = []  # a float result, as weight-and-input-only quantization leaves it
+        for name in [*operands, *outputs]:
+            if self.is_activation(name) and name not in self.params:
+                self.params[name] = self.activation_params(self.values[name])
+        if node.op_type in _QDQ_WEIGHT_OPS:
+            self._plan_weight(node)
+        else:  # a constant operand of Add/Mul, quantized like an activation
+            for name in operands:
+                constant = self.initializers.get(name)
+                if constant is not None and constant.dtype == np.float32 and constant.size:
+                    if name not in self.weights and np.isfinite(constant).all():
+                        kind = self.kind if self.chance(75) else self.choice(_QDQ_KINDS)
+                        params = _qdq_params(*_qdq_range(constant, None), kind, None)
+                        self.weights[name] = (params, self.chance(50))
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[0] in self.params:
+            self._plan_bias(node)
+
+    def _plan_weight(self, node: onnx.NodeProto) -> None:
+        name = node.input[1]
+        weight = self.initializers.get(name)
+        if weight is None or weight.dtype != np.float32 or name in self.weights:
+            return
+        if weight.ndim < 2 or not np.isfinite(weight).all():
+            return
+        axis = None
+        if self.per_axis and self.chance(50):
+            if node.op_type == "Conv":
+                axis = 0
+            elif node.op_type == "Gemm":
+                axis = 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+            elif weight.ndim == 2:
+                axis = 1
+        low, high = _qdq_range(weight, axis)
+        if axis is not None or self.chance(70):  # per channel: symmetric, as exporters do
+            params = _qdq_params(low, high, "int8-symmetric", axis, _QDQ_WEIGHT_LIMIT)
+        else:
+            params = _qdq_params(low, high, "uint8", axis)
+        self.weights[name] = (params, self.chance(50))
+
+    def _plan_bias(self, node: onnx.NodeProto) -> None:
+        bias_name, weight_name = node.input[2], node.input[1]
+        bias = self.initializers.get(bias_name)
+        activation = self.params[node.input[0]]
+        if bias is None or weight_name not in self.weights or activation.axis is not None:
+            return
+        if bias_name in self.biases or bias.ndim != 1 or not self.chance(60):
+            return
+        weight, _ = self.weights[weight_name]
+        scale = (np.float32(activation.scale) * weight.scale).astype(np.float32)
+        axis = 0 if scale.ndim else None
+        self.biases[bias_name] = _QdqParams(np.int32, scale, np.zeros(scale.shape, np.int32), axis)
+
+    # -- building --------------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        """The model with the planned pairs, weights and biases inserted."""
+        self.initializer_protos = list(self.graph.initializer)
+        head: list[onnx.NodeProto] = []
+        renamed: dict[str, str] = {}
+        for graph_input in self.graph.input:
+            name = graph_input.name
+            if name in self.params:
+                params = self.params[name]
+                redundant = name in self.redundant
+                renamed[name] = self._pair(head, name, f"{name}_dq", params, redundant)
+        for name, (params, stored) in self.weights.items():
+            if stored:  # a static-quantization export: the integer weight behind a DQ
+                quantized = self._initializer(
+                    f"{name}_quantized", _qdq_quantize(self.initializers[name], params)
+                )
+                renamed[name] = self._dequantize(head, quantized, f"{name}_dq", params)
+            else:
+                renamed[name] = self._pair(head, name, f"{name}_dq", params, False)
+        for name, params in self.biases.items():
+            info = np.iinfo(np.int32)
+            bias = self.initializers[name].astype(np.float64) / params.scale.astype(np.float64)
+            quantized = np.clip(np.rint(bias), info.min, info.max).astype(np.int32)
+            stored_name = self._initializer(f"{name}_quantized", quantized)
+            renamed[name] = self._dequantize(head, stored_name, f"{name}_dq", params)
+        body: list[onnx.NodeProto] = []
+        for node in self.graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            for i, name in enumerate(copy.input):
+                copy.input[i] = renamed.get(name, name)
+            tail: list[onnx.NodeProto] = []
+            for i, name in enumerate(copy.output):
+                if name in self.params:
+                    copy.output[i] = f"{name}_float"
+                    params, redundant = self.params[name], name in self.redundant
+                    self._pair(tail, f"{name}_float", name, params, redundant)
+            body += [copy, *tail]
+        nodes = head + body
+        used = {name for node in nodes for name in node.input}
+        graph = helper.make_graph(
+            nodes,
+            self.graph.name,
+            list(self.graph.input),
+            list(self.graph.output),
+            [t for t in self.initializer_protos if t.name in used],
+        )
+        return helper.make_model(
+            graph,
+            opset_imports=list(self.model.opset_import),
+            ir_version=self.model.ir_version,
+            producer_name=self.model.producer_name,
+        )
+
+    def _initializer(self, name: str, array: np.ndarray) -> str:
+        self.initializer_protos.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def _parameters(self, sink: list[onnx.NodeProto], base: str, params: _QdqParams) -> list[str]:
+        """Scale and zero-point tensors (the zero point of uint8 zeros sometimes left out)."""
+        arrays = [("scale", params.scale), ("zero_point", params.zero_point)]
+        if params.dtype in (np.uint8, np.int32) and not params.zero_point.any() and self.chance(30):
+            arrays.pop()
+        names = []
+        for suffix, array in arrays:
+            name = f"{base}_{suffix}"
+            if self.chance(10):
+                value = numpy_helper.from_array(np.asarray(array))
+                sink.append(helper.make_node("Constant", [], [name], name=f"{name}_c", value=value))
+            else:
+                self._initializer(name, array)
+            names.append(name)
+        return names
+
+    def _node(
+        self, sink: list[onnx.NodeProto], op: str, inputs: list[str], out: str, params: _QdqParams
+    ) -> str:
+        attrs = {} if params.axis is None else {"axis": params.axis}
+        sink.append(helper.make_node(op, inputs, [out], name=f"{out}_{op}", **attrs))
+        return out
+
+    def _dequantize(
+        self, sink: list[onnx.NodeProto], source: str, out: str, params: _QdqParams
+    ) -> str:
+        inputs = [source, *self._parameters(sink, out, params)]
+        return self._node(sink, "DequantizeLinear", inputs, out, params)
+
+    def _pair(
+        self,
+        sink: list[onnx.NodeProto],
+        source: str,
+        out: str,
+        params: _QdqParams,
+        redundant: bool,
+    ) -> str:
+        """Writes `source -> Q -> DQ -> out` into `sink`; returns `out`.
+
+        With `redundant`, a DQ -> Q of the same parameters sits in between. The last DQ reads
+        the Q's own scale and zero-point tensors, or (sometimes) equal copies.
+        """
+        shared = self._parameters(sink, f"{out}_q", params)
+        quantized = self._node(sink, "QuantizeLinear", [source, *shared], f"{out}_q", params)
+        if redundant:
+            middle = self._node(sink, "DequantizeLinear", [quantized, *shared], f"{out}_r", params)
+            again = [middle, *self._parameters(sink, f"{out}_r_q", params)]
+            quantized = self._node(sink, "QuantizeLinear", again, f"{out}_r_q", params)
+        inputs = shared if self.chance(60) else self._parameters(sink, out, params)
+        return self._node(sink, "DequantizeLinear", [quantized, *inputs], out, params)
+
+
+@st.composite
+def _draw_qdq_model(
+    draw: st.DrawFn,
+    base: st.SearchStrategy[onnx.ModelProto],
+    per_axis: bool,
+    max_abs: float | None,
+) -> onnx.ModelProto:
+    drawer = _QdqDrawer(draw, draw(base), per_axis, max_abs)
+    drawer.plan()
+    return drawer.build()
+
+
+def qdq_models(
+    *, per_axis: bool = True, max_abs: float | None = None, **model_options: Any
+) -> st.SearchStrategy[onnx.ModelProto]:
+    """Draw `models(...)` graphs with QuantizeLinear -> DequantizeLinear pairs inserted.
+
+    A model is drawn from `models(**model_options)` (opset 13 or newer, so Q and DQ have
+    `axis`), run once in onnxruntime on `random_feeds(model)`, and Q -> DQ pairs are placed
+    with parameters from the observed ranges (widened to include 0, sometimes with 10% or
+    50% headroom), so the values on those feeds are not saturated:
+
+    - around layout ops (Reshape, Transpose, Squeeze, Unsqueeze, Flatten, MaxPool, Slice,
+      Concat, Gather, Identity): the data inputs and the output get equal per-tensor
+      parameters;
+    - around compute ops (Conv, MatMul, Gemm, Add, Mul), as a static quantizer writes an
+      island: every float operand and the result (a Conv/MatMul/Gemm result sometimes left
+      float, as weight-and-input-only quantization does); the constant weight as below, and
+      a Conv's float bias sometimes as an int32 constant behind a DQ of scale
+      `x_scale * w_scale`;
+    - on a random subset of the other float32 activations (node outputs and graph inputs);
+    - on constant float weights of Conv/MatMul/Gemm: either `Q -> DQ` on the float
+      initializer (the QAT export pattern) or the integer initializer behind a DQ (a static
+      export). Weights are int8 symmetric in 7 bits (onnxruntime's `reduce_range`, so that
+      u8s8 kernels cannot saturate on CPUs without VNNI) or uint8 asymmetric per tensor;
+      per axis (output channel, or column) they are int8 symmetric.
+
+    Activations are uint8 asymmetric, int8 symmetric or int8 asymmetric (most of one model's
+    activations share one of these, as an exporter's do); per tensor, or per axis along a
+    static dim of 2 to 64 (when `per_axis`). Sometimes a pair carries a redundant
+    DQ -> Q with identical parameters in between (DQ -> Q -> DQ chains), a DQ reads its Q's
+    own scale and zero-point tensors (else equal copies), a parameter is a `Constant` node,
+    or a uint8/int32 zero point of 0 is left out. A quantized node output keeps its name (the
+    producer writes `<name>_float`), so graph outputs keep their names and float32 type.
+
+    Every model passes `onnx.checker.check_model(m, full_check=True)` and strict shape
+    inference, and runs in onnxruntime's CPU provider with `random_feeds(m)` (graph
+    optimizations off: onnxruntime 1.32's optimizer rejects a few valid opset-21 int8 graphs,
+    onnxruntime#25526). Names are deterministic, so one draw always serializes to the same
+    bytes.
+
+    Args:
+        per_axis: Whether per-axis activation and weight parameters may be drawn.
+        max_abs: Quantize only activations whose observed magnitude stays within this (None:
+            any finite range); bounds the size of one quantization step.
+        **model_options: Passed to `models` (`min_ops`, `max_ops`, `ops`, `containing`,
+            `opset`, `dynamic`).
+
+    Returns:
+        A strategy of `onnx.ModelProto`.
+
+    Raises:
+        ValueError: For options `models` rejects, or a negative `max_abs`.
+    """
+    if max_abs is not None and not max_abs >= 0:
+        raise ValueError(f"max_abs must be a non-negative number or None, got {max_abs}")
+    return _draw_qdq_model(models(**model_options), per_axis, max_abs)
+
+
+__all__ += ["qdq_models"]

@@ -228,3 +228,38 @@ def test_explain_names_the_fused_op_a_target_lacks(tmp_path, capsys):
         main(["explain", str(path), "fuse-contrib-ops", "--target", "onnxruntime", "--json"]) == 0
     )
     assert json.loads(capsys.readouterr().out)["fused-conv"] == []
+
+
+def _qdq_tanh_model(path):
+    from tests.core.test_quant_lint import _case
+
+    onnx.save_model(_case(lambda b, y, x: b.op("Tanh", [y])), path)
+    return path
+
+
+def test_lint_prints_findings_and_exits_0(tmp_path, capsys):
+    path = _qdq_tanh_model(tmp_path / "q.onnx")
+    assert main(["lint", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "float-island" in out and "the_Tanh" in out
+    assert "1 float ops between requantizations" in out
+
+
+def test_lint_json_and_strict_exit_code(tmp_path, capsys):
+    path = _qdq_tanh_model(tmp_path / "q.onnx")
+    assert main(["lint", str(path), "--json", "--target", "onnxruntime"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["target"] == "onnxruntime"
+    assert [(f["kind"], f["node"]) for f in data["findings"]] == [("float-island", "the_Tanh")]
+    assert main(["lint", str(path), "--strict"]) == 1
+    capsys.readouterr()
+    assert main(["lint", str(EXAMPLE), "--strict"]) == 0
+    assert "nothing to lint" in capsys.readouterr().out
+
+
+def test_lint_bad_target_and_missing_model_are_one_line_exit_2(tmp_path, capsys):
+    path = _qdq_tanh_model(tmp_path / "q.onnx")
+    assert main(["lint", str(path), "--target", "jetsn"]) == 2
+    assert "unknown target 'jetsn'" in _one_error_line(capsys.readouterr().err)
+    assert main(["lint", str(tmp_path / "missing.onnx")]) == 2
+    _one_error_line(capsys.readouterr().err)
