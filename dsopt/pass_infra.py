@@ -236,22 +236,38 @@ def graph_counts(module: Module) -> dict[str, int]:
     for tensor in module.graph.outputs:
         if isinstance(tensor, gs.Constant):
             constants[id(tensor)] = tensor
-    size = 0
+    bits = 0
     for tensor in constants.values():
         shape = tensor.shape or ()
-        size += int(np.prod(shape, dtype=np.int64)) * _itemsize(tensor.dtype)
+        bits += int(np.prod(shape, dtype=np.int64)) * _bits(tensor.dtype)
+    size = (bits + 7) // 8
     initializers = sum(1 for t in constants.values() if t.name)
     return {"nodes": nodes, "initializers": initializers, "bytes": size}
 
 
-def _itemsize(dtype: Any) -> int:
+#: Element widths of the sub-byte ONNX types (stored packed).
+_SUB_BYTE_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    **{getattr(onnx.TensorProto, t): 2 for t in ("INT2", "UINT2") if hasattr(onnx.TensorProto, t)},
+}
+
+#: The same by ml_dtypes name (onnx maps INT4 to `ml_dtypes.int4`, one byte in numpy).
+_SUB_BYTE_NAMES = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2}
+
+
+def _bits(dtype: Any) -> int:
+    """Bits per element; packed sub-byte types count their width, not a byte."""
     try:
-        return int(np.dtype(dtype).itemsize)
+        numpy_dtype = np.dtype(dtype)
+        return _SUB_BYTE_NAMES.get(numpy_dtype.name, 8 * int(numpy_dtype.itemsize))
     except TypeError:  # graphsurgeon keeps bfloat16/float8/int4 as onnx enum values
         try:
-            return max(1, int(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)).itemsize))
+            if int(dtype) in _SUB_BYTE_BITS:
+                return _SUB_BYTE_BITS[int(dtype)]
+            return 8 * max(1, int(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)).itemsize))
         except (KeyError, TypeError, ValueError):
-            return 1
+            return 8
 
 
 def verify_model(

@@ -16,8 +16,10 @@ PRECISIONS: dict[str, str] = {
     "fp32": "no precision change (default)",
     "fp16": "float16 weights and compute, float32 where fp16 would overflow",
     "int8": "static int8 from --calib (Q/DQ the runtime fuses); without --calib: int8-dynamic",
-    "int8-dynamic": "int8 MatMul/Gemm weights, activations quantized at run time",
-    "int4": "4-bit block-wise MatMul/Gemm and embedding weights (--block-size, default 32)",
+    "int8-dynamic": "int8 MatMul/Gemm weights, activations quantized at run time (with --calib: "
+    "activation outliers smoothed into the weights first)",
+    "int4": "4-bit block-wise MatMul/Gemm and embedding weights (--block-size, default 32; "
+    "with --calib: GPTQ rounding)",
 }
 
 #: Lossless passes that hide ops from quantization: com.microsoft float fusions.
@@ -56,9 +58,12 @@ def precision_passes(
     if precision == "int8" and calibrated:
         text = "upgrade-opset{to=13},quantize-static,quantize-weights{bits=8}"
     elif precision in ("int8", "int8-dynamic"):
-        text = "quantize-dynamic,quantize-weights{bits=8}"
+        # With calibration data, activation outliers move into the weights first (SmoothQuant).
+        smooth = "smooth-activations," if calibrated else ""
+        text = smooth + "quantize-dynamic,quantize-weights{bits=8}"
     else:
         block = f",block_size={block_size}" if block_size is not None else ""
+        block += ",method=gptq" if calibrated else ""  # error-minimizing rounding from data
         text = f"quantize-weights{{bits=4{block}}},quantize-weights{{bits=8}}"
     text += ",fold-qdq,eliminate-dead"
     return text + (",legalize-quantized" if legalize else "")

@@ -32,6 +32,7 @@ from dsopt.passes.quantize_dynamic import QuantizeDynamic
 from dsopt.passes.quantize_static import QuantizeStatic
 from dsopt.passes.quantize_weights import QuantizeWeights
 from dsopt.passes.simplify_shapes import SimplifyShapes
+from dsopt.passes.smooth_activations import SmoothActivations
 from dsopt.passes.upgrade_opset import UpgradeOpset
 from dsopt.plugin import PassRegistry
 
@@ -56,6 +57,7 @@ BUILTIN_PASSES = (
     FuseContribOps,
     FoldQdq,
     ConvertQoperator,
+    SmoothActivations,
     QuantizeWeights,
     QuantizeStatic,
     QuantizeDynamic,

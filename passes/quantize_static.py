@@ -13,8 +13,15 @@ from dsopt.analysis import AnalysisManager, Shapes
 from dsopt.errors import UsageError
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult
-from dsopt.pattern import fresh_name, is_graph_output, read_constant, topological_order
+from dsopt.pattern import (
+    fresh_name,
+    is_graph_output,
+    node_subgraphs,
+    read_constant,
+    topological_order,
+)
 from dsopt.quant import calibration
+from dsopt.quant.bias_correction import BiasCorrection
 from dsopt.quant.grid import INT8, UINT8, affine_params, per_channel_symmetric
 from dsopt.quant.kernels import COMPUTE_OPS, INT8_OPS, SHARED_SCALE_OPS
 
@@ -31,7 +38,7 @@ class QuantizeStatic(Pass):
 
     1. Compute ops (Conv, MatMul, Gemm) with a constant float weight: weights int8 symmetric
        per output channel, bias int32 at scale x_scale * w_scale, activations uint8
-       asymmetric per tensor from the calibration `method` (minmax, percentile, entropy).
+       asymmetric per tensor from the calibration `method` (minmax, percentile, entropy, mse).
        A Relu/Clip right after is absorbed: the Q goes after it (onnxruntime drops it).
     2. Ops onnxruntime runs on int8 (`INT8_OPS`: Add, Mul, Sigmoid, pools, Concat, ...) join
        an island when one input comes from it and every other input is quantizable; data
@@ -41,6 +48,17 @@ class QuantizeStatic(Pass):
        and the ops/names in `exclude`; tensors whose range reaches mask fill values
        (|x| >= 1e8, e.g. float-min attention masks); a Concat whose inputs' ranges differ by
        more than `concat_ratio` (boxes in pixels next to 0-1 scores must not share a scale).
+    4. Every graph is planned: the top graph and each If/Loop/Scan body (nested too), with one
+       calibration run for all (body tensors are probed through the bodies; a Loop's over
+       all iterations). Q/DQ go into the graph that computes the tensor; an outer-scope
+       weight is dequantized in the innermost graph enclosing its int8 readers (once when
+       shared). Int8 ops join islands within their own graph; `keep_first`/`keep_last`
+       apply to the top graph only; a body tensor of unknown dtype stays float.
+       `subgraph-nodes` counts the quantized nodes inside bodies.
+    5. `bias_correction` (off by default; top graph only): the mean shift dW . E[x] that
+       int8 weight rounding adds to each output channel is subtracted from the float bias
+       before it is quantized (`dsopt.quant.bias_correction`; one more calibration pass).
+       `bias-corrected` counts the nodes.
     Needs calibration data (`--calib`). Bound (relative, checked on calibration samples):
     every output keeps cosine >= 0.98 and relative L2 error <= 0.2.
     """
@@ -54,7 +72,7 @@ class QuantizeStatic(Pass):
     opsets: ClassVar[tuple[int | None, int | None]] = (13, None)
 
     method: str = dataclasses.field(
-        default="minmax", metadata={"help": "activation ranges: minmax, percentile or entropy"}
+        default="minmax", metadata={"help": "activation ranges: minmax, percentile, entropy or mse"}
     )
     percentile: float = dataclasses.field(
         default=99.999, metadata={"help": "two-sided percentile of the percentile method"}
@@ -80,6 +98,10 @@ class QuantizeStatic(Pass):
     activation: str = dataclasses.field(
         default="uint8", metadata={"help": "activation storage: uint8 (asymmetric) or int8"}
     )
+    bias_correction: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "subtract the mean shift int8 weight rounding adds per channel"},
+    )
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         """Calibrates the candidate tensors, chooses the islands and writes Q/DQ."""
@@ -101,10 +123,12 @@ class QuantizeStatic(Pass):
             data = calibration.CalibrationData.from_feeds(list(data))
         graph = module.graph
         shapes = (ctx.analyses or AnalysisManager(module)).get(Shapes)
-        planner = _Planner(self, graph, shapes)
-        candidates = planner.candidate_tensors()
+        # One planner per graph: the top graph, then every If/Loop/Scan body (nested too).
+        planners = [_Planner(self, g, shapes, top=g is graph) for g in module.graphs()]
+        planner = planners[0]  # the top graph's
+        candidates = list(dict.fromkeys(n for p in planners for n in p.candidate_tensors()))
         if not candidates:
-            return PassResult(False, {"quantized-nodes": 0})
+            return PassResult(False, {"quantized-nodes": 0, "subgraph-nodes": 0})
         stats, facts = calibration.collect_ranges(
             module.to_proto(),
             candidates,
@@ -112,20 +136,36 @@ class QuantizeStatic(Pass):
             method=self.method,  # type: ignore[arg-type]
             percentile=self.percentile,
         )
-        joined = planner.choose(stats)
-        if not joined:
+        plans = [(p, chosen) for p in planners if (chosen := p.choose(stats))]
+        joined = next((chosen for p, chosen in plans if p is planner), [])
+        if not plans:
             return PassResult(
-                False, {"quantized-nodes": 0, "calibration-samples": facts["samples"]}
+                False,
+                {
+                    "quantized-nodes": 0,
+                    "subgraph-nodes": 0,
+                    "calibration-samples": facts["samples"],
+                },
             )
-        writer = _Writer(graph, stats, UINT8 if self.activation == "uint8" else INT8)
-        counts = writer.apply(planner, joined)
-        graph.nodes = topological_order(graph)
+        corrector = None
+        if self.bias_correction:  # float biases change before the writer quantizes them
+            weighted = [n for n in joined if planner.weight(n) is not None]
+            corrector = BiasCorrection(graph, weighted, _channel_axis)
+            corrector.measure(module.to_proto(), data.limited(self.samples))
+            corrector.correct()
+        writer = _Writer(module, stats, UINT8 if self.activation == "uint8" else INT8)
+        counts = writer.apply(plans)
+        if corrector is not None:
+            counts["bias-corrected"] = corrector.finish()
+        for touched in writer.touched:
+            touched.nodes = topological_order(touched)
         return PassResult(
             True,
             {
-                "quantized-nodes": len(joined),
+                "quantized-nodes": sum(len(chosen) for _, chosen in plans),
+                "subgraph-nodes": sum(len(chosen) for p, chosen in plans if not p.top),
                 **counts,
-                "kept-float": planner.kept_float,
+                "kept-float": sum(p.kept_float for p in planners),
                 "calibration-samples": facts["samples"],
                 "calibration-peak-rss-mb": facts["peak_rss_mb"],
             },
@@ -139,10 +179,13 @@ def _names(text: str) -> frozenset[str]:
 class _Planner:
     """Chooses the int8 islands: which nodes join and which tensors carry Q/DQ."""
 
-    def __init__(self, options: QuantizeStatic, graph: gs.Graph, shapes: Any) -> None:
+    def __init__(
+        self, options: QuantizeStatic, graph: gs.Graph, shapes: Any, *, top: bool = True
+    ) -> None:
         self.options = options
         self.graph = graph
         self.shapes = shapes
+        self.top = top  # keep_first/keep_last read the top graph's inputs and outputs only
         excluded = _names(options.exclude) | set(_DEFAULT_EXCLUDED)
         self.included = _names(options.include)
         self.excluded = excluded - self.included
@@ -156,6 +199,7 @@ class _Planner:
             return False
         dtype = tensor.dtype
         if dtype is None and tensor.name in self.shapes:
+            # Shape inference may not reach into bodies: no known dtype keeps a tensor float.
             dtype = self.shapes[tensor.name].dtype
         try:
             return np.dtype(dtype) == np.float32
@@ -261,6 +305,8 @@ class _Planner:
     def edge_layers(self) -> set[int]:
         """Compute nodes reading a graph input, and those feeding an output (no compute between)."""
         edges: set[int] = set()
+        if not self.top:
+            return edges  # a body's inputs and outputs are not the model's
         if self.options.keep_first:
             inputs = {id(t) for t in self.graph.inputs}
             for node in self.order:
@@ -368,32 +414,81 @@ class _Planner:
 
 
 class _Writer:
-    """Writes Q/DQ pairs, int8 weights and int32 biases."""
+    """Writes Q/DQ pairs, int8 weights and int32 biases into every graph of the module.
 
-    def __init__(
-        self, graph: gs.Graph, stats: dict[str, calibration.RangeStats], grid: Any
-    ) -> None:
-        self.graph = graph
+    An activation's Q/DQ goes into the graph that computes it (a body reading an outer
+    tensor reads its dequantized value from the outer scope). A weight's DequantizeLinear goes
+    into the innermost graph enclosing all the int8 nodes that read it, once per channel axis
+    (a weight shared by both If branches is dequantized once, before the If); a bias's into
+    the graph of its node.
+    """
+
+    def __init__(self, module: Module, stats: dict[str, calibration.RangeStats], grid: Any) -> None:
+        self.graph = module.graph
         self.stats = stats
         self.grid = grid
-        self.used = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
+        self.used: set[str] = set()
+        self.owner: dict[int, gs.Graph] = {}
+        self.parents: dict[int, gs.Graph] = {}
+        for graph in module.graphs():
+            self.used.update(graph.tensors())
+            self.used.update(n.name for n in graph.nodes if n.name)
+            self.owner.update((id(t), graph) for t in graph.inputs)
+            for node in graph.nodes:
+                self.owner.update((id(t), graph) for t in node.outputs)
+                self.parents.update((id(sub), graph) for sub in node_subgraphs(node))
+        self.touched: list[gs.Graph] = []
         self.params: dict[int, tuple[gs.Constant, gs.Constant]] = {}
         self.restored_params: dict[int, tuple[gs.Constant, gs.Constant]] = {}
-        self.weights: dict[int, tuple[gs.Variable, np.ndarray]] = {}
         self.weight_scale: dict[int, np.ndarray] = {}
 
-    def apply(self, planner: _Planner, joined: list[gs.Node]) -> dict[str, int]:
-        tensors = planner.quantized_tensors(joined)
-        for tensor, source in tensors:
+    def apply(self, plans: list[tuple[_Planner, list[gs.Node]]]) -> dict[str, int]:
+        chosen: dict[int, tuple[gs.Tensor, gs.Tensor | None]] = {}
+        for planner, joined in plans:
+            for tensor, source in planner.quantized_tensors(joined):
+                # A tensor two graphs quantize: a shared scale (source) wins over its own.
+                if id(tensor) not in chosen or source is not None:
+                    chosen[id(tensor)] = (tensor, source)
+        for tensor, source in chosen.values():
             self._qdq(tensor, source)
-        weights = biases = 0
-        for node in joined:
-            if node.op not in COMPUTE_OPS:
-                continue
-            if planner.weight(node) is not None:
-                weights += self._weight(node)
-                biases += self._bias(node)
-        return {"qdq-tensors": len(tensors), "int8-weights": weights, "int32-biases": biases}
+        sites: dict[tuple[int, int | None], list[tuple[gs.Graph, gs.Node]]] = {}
+        weighted: list[tuple[tuple[int, int | None], gs.Graph, gs.Node]] = []
+        for planner, joined in plans:
+            for node in joined:
+                value = planner.weight(node) if node.op in COMPUTE_OPS else None
+                if value is not None:
+                    key = (id(node.inputs[1]), _channel_axis(node, value))
+                    sites.setdefault(key, []).append((planner.graph, node))
+                    weighted.append((key, planner.graph, node))
+        written: set[tuple[int, int | None]] = set()
+        biases = 0
+        for key, graph, node in weighted:  # in node order: weight, then bias, node by node
+            if key not in written:
+                written.add(key)
+                self._weight(sites[key])
+            biases += self._bias(graph, node)
+        return {"qdq-tensors": len(chosen), "int8-weights": len(sites), "int32-biases": biases}
+
+    def _touch(self, graph: gs.Graph) -> gs.Graph:
+        if not any(g is graph for g in self.touched):
+            self.touched.append(graph)
+        return graph
+
+    def _enclosing(self, graphs: list[gs.Graph]) -> gs.Graph:
+        """The innermost graph that is, or encloses, each of `graphs`."""
+        chains = []
+        for graph in graphs:
+            chain = [graph]
+            while id(chain[-1]) in self.parents:
+                chain.append(self.parents[id(chain[-1])])
+            chains.append(chain[::-1])
+        common = chains[0][0]
+        for depth in range(min(len(c) for c in chains)):
+            if all(c[depth] is chains[0][depth] for c in chains):
+                common = chains[0][depth]
+            else:
+                break
+        return common
 
     def _name(self, base: str) -> str:
         return fresh_name(self.used, base)
@@ -421,6 +516,7 @@ class _Writer:
         return pair
 
     def _qdq(self, tensor: gs.Tensor, source: gs.Tensor | None) -> None:
+        graph = self._touch(self.owner.get(id(tensor), self.graph))
         scale, zero = self._parameters(tensor, source)
         quantized = gs.Variable(
             self._name(f"{tensor.name}_quantized"), dtype=self.grid.numpy_dtype, shape=tensor.shape
@@ -441,23 +537,22 @@ class _Writer:
             inputs=[quantized, scale, zero],
             outputs=[restored],
         )
-        self.graph.nodes += [q, dq]
+        graph.nodes += [q, dq]
         for reader in readers:
             for index, read in enumerate(reader.inputs):
                 if read is tensor:
                     reader.inputs[index] = restored
-        if is_graph_output(self.graph, tensor):
+        if is_graph_output(graph, tensor):
             # The output keeps its name and now carries the dequantized value.
             raw_name = self._name(f"{tensor.name}_float")
             restored.name, tensor.name = tensor.name, raw_name
-            self.graph.outputs = [restored if t is tensor else t for t in self.graph.outputs]
+            graph.outputs = [restored if t is tensor else t for t in graph.outputs]
         self.restored_params[id(restored)] = (scale, zero)
 
-    def _weight(self, node: gs.Node) -> int:
+    def _weight(self, sites: list[tuple[gs.Graph, gs.Node]]) -> None:
+        """One DequantizeLinear of the int8 weight that every node of `sites` reads."""
+        node = sites[0][1]
         tensor = node.inputs[1]
-        if id(tensor) in self.weights:
-            node.inputs[1], self.weight_scale[id(node)] = self.weights[id(tensor)]
-            return 0
         value = read_constant(tensor)
         assert value is not None
         axis = _channel_axis(node, value)
@@ -483,13 +578,13 @@ class _Writer:
             ],
             outputs=[restored],
         )
-        self.graph.nodes.append(dq)
-        self.weights[id(tensor)] = (restored, np.asarray(scale, np.float32))
-        self.weight_scale[id(node)] = np.asarray(scale, np.float32)
-        node.inputs[1] = restored
-        return 1
+        # topological_order puts it before the If/Loop/Scan whose body reads it.
+        self._touch(self._enclosing([graph for graph, _ in sites])).nodes.append(dq)
+        for _, reader in sites:
+            self.weight_scale[id(reader)] = np.asarray(scale, np.float32)
+            reader.inputs[1] = restored
 
-    def _bias(self, node: gs.Node) -> int:
+    def _bias(self, graph: gs.Graph, node: gs.Node) -> int:
         if len(node.inputs) < 3 or not node.inputs[2].name:
             return 0
         bias = read_constant(node.inputs[2])
@@ -518,7 +613,7 @@ class _Writer:
             ],
             outputs=[restored],
         )
-        self.graph.nodes.append(dq)
+        self._touch(graph).nodes.append(dq)
         node.inputs[2] = restored
         return 1
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dsopt.backend import Target
 
-#: `com.microsoft` contrib ops with CPU kernels in every onnxruntime >= 1.17 (and CUDA ones).
+#: `com.microsoft` contrib ops with CPU kernels in onnxruntime >= 1.20 (and CUDA ones): float
+#: fusions, low-bit weights (MatMulNBits, GatherBlockQuantized) and int8 elementwise kernels.
 CONTRIB_OPS = frozenset(
     f"com.microsoft::{op}"
     for op in (
@@ -16,6 +17,10 @@ CONTRIB_OPS = frozenset(
         "MultiHeadAttention",
         "Attention",
         "QuickGelu",
+        "MatMulNBits",
+        "GatherBlockQuantized",
+        "QLinearAdd",
+        "QLinearMul",
     )
 )
 

@@ -16,27 +16,31 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from dsopt.errors import UsageError
+from dsopt.errors import ModelError, UsageError
 from dsopt.numerics import _input_specs, _Session, _validate_sample, random_inputs
 
 __all__ = [
     "METHODS",
     "CalibrationData",
+    "Probe",
     "RangeStats",
     "collect_ranges",
     "entropy_range",
+    "mse_range",
     "percentile_range",
 ]
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["minmax", "percentile", "entropy"]
-METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 
 #: Histogram resolution of the percentile and entropy observers.
 BINS = 2048
 #: Tensors whose magnitude passes this are mask fill values (float-min, -1e9), not activations.
 MASK_MAGNITUDE = 1e8
+#: Clipping thresholds the mse observer evaluates, evenly spaced up to the largest magnitude.
+_MSE_CANDIDATES = 512
 
 
 class CalibrationData:
@@ -191,25 +195,29 @@ def collect_ranges(
             f"calibration method '{method}' is unknown (methods: {', '.join(METHODS)})"
         )
     names = list(dict.fromkeys(tensors))
-    probe = _with_outputs(model, names)
     extremes: dict[str, list[float]] = {}
     samples = 0
-    with _Session(probe, label="calibration") as session:
-        for feed in data:
+    with Probe(model, names) as probe:
+        for values in probe.stream(data):
             samples += 1
-            for name, value in _values(session, feed, names):
+            for name, value in _finite(values):
                 seen = extremes.setdefault(name, [np.inf, -np.inf])
                 seen[0] = min(seen[0], float(value.min()))
                 seen[1] = max(seen[1], float(value.max()))
         if samples == 0:
             raise UsageError("the calibration data holds no samples")
+        for name in probe.dropped:  # seen on earlier samples only: no range for them
+            extremes.pop(name, None)
         histograms: dict[str, np.ndarray] = {}
         if method != "minmax":
-            for feed in data:
-                for name, value in _values(session, feed, names):
+            for values in probe.stream(data):
+                for name, value in _finite(values):
                     low, high = extremes[name]
                     if high > low and max(abs(low), abs(high)) < MASK_MAGNITUDE:
                         counts, _ = np.histogram(value, bins=BINS, range=(low, high))
+                        # Exact zeros (after Relu, padding) quantize exactly at any range:
+                        # left in, they would pull entropy's threshold down.
+                        counts[_bin_of_zero(low, high)] -= np.count_nonzero(value == 0)
                         histograms[name] = histograms.get(name, 0) + counts
     stats: dict[str, RangeStats] = {}
     for name, (low, high) in extremes.items():
@@ -221,6 +229,8 @@ def collect_ranges(
             chosen = percentile_range(hist, low, high, percentile)
         elif hist is not None and method == "entropy":
             chosen = entropy_range(hist, low, high)
+        elif hist is not None and method == "mse":
+            chosen = mse_range(hist, low, high)
         stats[name] = RangeStats(low, high, min(chosen[0], 0.0), max(chosen[1], 0.0), hist)
     facts = {
         "samples": samples,
@@ -231,15 +241,82 @@ def collect_ranges(
     return stats, facts
 
 
-def _values(
-    session: _Session, feed: Mapping[str, np.ndarray], names: Sequence[str]
-) -> Iterator[tuple[str, np.ndarray]]:
-    outputs = session.run(feed)
-    for name in names:
-        value = outputs.get(name)
-        if value is None or value.dtype.kind != "f" or value.size == 0:
-            continue
-        value = value[np.isfinite(value)] if not np.isfinite(value).all() else value
+class Probe:
+    """An onnxruntime session of `model` that also returns the named intermediate tensors.
+
+    Use as a context manager; `stream(data)` yields, per calibration feed, the float values of
+    the named tensors that were computed (a tensor onnxruntime cannot expose is absent).
+    Passes that calibrate something other than ranges (channel maxima, means, Hessians)
+    reduce these values as they stream past, one sample in memory at a time.
+
+    Tensors inside If/Loop/Scan bodies (nested too) are threaded out to the top graph
+    (`_thread_outputs`): an If branch's tensor comes out when that branch ran (a branch not
+    taken gives nothing for that feed); a Loop or Scan body's tensor comes out stacked over
+    the iterations (iterations x shape). When per-iteration shapes differ onnxruntime cannot
+    stack them: those stacked tensors are then dropped (one warning) and the rest returned.
+    """
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str], label: str = "calibration"):
+        self.names = list(dict.fromkeys(names))
+        self._model = model
+        self._label = label
+        probe, self._inner, self._stacked = _thread_outputs(model, self.names)
+        #: Names given up on (Loop/Scan values onnxruntime could not stack), after the fact.
+        self.dropped: set[str] = set()
+        self._session = _Session(probe, label=label)
+
+    def __enter__(self) -> Probe:
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._session.__exit__(*exc)
+
+    def stream(self, data: Iterable[Mapping[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """The named float tensors of each feed of `data`."""
+        for feed in data:
+            outputs = self._run(feed)
+            values: dict[str, np.ndarray] = {}
+            for name in self.names:
+                if name in self.dropped:
+                    continue
+                outer = self._inner.get(name)
+                value = outputs.get(name if outer is None else outer)
+                if value is None or value.dtype.kind != "f":
+                    continue
+                if outer is not None and value.size == 0:
+                    continue  # an If branch that did not run (or a Loop of no iteration)
+                values[name] = value
+            yield values
+
+    def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._session.run(feed)
+        except ModelError as e:
+            if not self._stacked:
+                raise
+            # Most likely a Loop/Scan whose per-iteration shapes differ: onnxruntime cannot
+            # stack them (its message names no output), so drop every stacked tensor.
+            logger.warning(
+                "%s: %d tensor(s) inside Loop/Scan bodies have per-iteration shapes that "
+                "onnxruntime cannot stack (%s); calibrating without them",
+                self._label,
+                len(self._stacked),
+                e.message,
+            )
+            self.dropped |= self._stacked
+            kept = [n for n in self.names if n not in self._stacked]
+            self._session.close()
+            probe, self._inner, self._stacked = _thread_outputs(self._model, kept, stack=False)
+            self._session = _Session(probe, label=self._label)
+            return self._session.run(feed)
+
+
+def _finite(values: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    """Each non-empty value with its non-finite elements dropped."""
+    for name, value in values.items():
+        if value.size and not np.isfinite(value).all():
+            value = value[np.isfinite(value)]
         if value.size:
             yield name, value
 
@@ -248,7 +325,11 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     """A copy of `model` whose graph also outputs `names` (typed as float where unknown)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    graph = probe.graph
+    _add_graph_outputs(probe.graph, names)
+    return probe
+
+
+def _add_graph_outputs(graph: onnx.GraphProto, names: Sequence[str]) -> None:
     present = {o.name for o in graph.output}
     typed = {v.name: v for v in (*graph.value_info, *graph.input)}
     for name in names:
@@ -263,7 +344,169 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
                 onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
             )
         present.add(name)
-    return probe
+
+
+#: Where a subgraph sits: the graph holding its node, the node, and the attribute name.
+_Parent = tuple[onnx.GraphProto, onnx.NodeProto, str]
+
+
+def _thread_outputs(
+    model: onnx.ModelProto, names: Sequence[str], *, stack: bool = True
+) -> tuple[onnx.ModelProto, dict[str, str], set[str]]:
+    """A copy of `model` that outputs `names`, those inside subgraph bodies threaded out.
+
+    A body tensor goes out through an Identity in its body, then outward level by level: an If
+    branch gets it as an extra output and the other branch an empty tensor of its type (ONNX
+    If needs matching types only; onnxruntime 1.32 accepts differing shapes, rank included);
+    a Loop body as an extra scan output after the carried values, a Scan body likewise, so
+    the value comes out stacked over iterations. Names in no body, or in a body of another op,
+    are handled as top-level names (`_with_outputs`), so top-level behaviour is unchanged.
+    `stack=False` leaves out body tensors that would pass through a Loop or Scan.
+
+    Returns:
+        The probe model, the top-level output name of each threaded name, and the threaded
+        names that come out stacked (through a Loop or Scan).
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    top = probe.graph
+    parents: dict[int, _Parent] = {}
+    owner: dict[str, onnx.GraphProto] = {}
+    used: set[str] = set()
+    for graph, parent in _graphs_with_parents(top, None):
+        if parent is not None:
+            parents[id(graph)] = parent
+        defined = [
+            *(v.name for v in graph.input),
+            *(t.name for t in graph.initializer),
+            *(o for n in graph.node for o in n.output),
+        ]
+        used.update(defined)
+        used.update(i for n in graph.node for i in n.input)
+        used.update(v.name for v in graph.output)
+        if parent is not None:
+            for name in defined:
+                owner.setdefault(name, graph)
+    top_names = _top_names(top)
+    inner = [n for n in names if n in owner and n not in top_names]
+    if not inner:
+        _add_graph_outputs(top, names)
+        return probe, {}, set()
+    types = _elem_types(probe)
+    threaded: dict[str, str] = {}
+    stacked: set[str] = set()
+    counter = [0]
+
+    def fresh(base: str) -> str:
+        while True:
+            counter[0] += 1
+            candidate = f"{base}__probe{counter[0]}"
+            if candidate not in used:
+                used.add(candidate)
+                return candidate
+
+    for name in inner:
+        path = _path_to_top(owner[name], parents)
+        if path is None or (not stack and any(node.op_type != "If" for _, node, _ in path)):
+            continue
+        elem = types.get(name, onnx.TensorProto.FLOAT)
+        graph = owner[name]
+        current = fresh(name)
+        graph.node.append(onnx.helper.make_node("Identity", [name], [current]))
+        for parent_graph, node, attr in path:
+            current = _lift(graph, node, attr, current, elem, fresh)
+            graph = parent_graph
+        top.output.append(onnx.helper.make_tensor_value_info(current, elem, None))
+        threaded[name] = current
+        if any(node.op_type != "If" for _, node, _ in path):
+            stacked.add(name)
+    _add_graph_outputs(top, [n for n in names if n not in threaded])
+    return probe, threaded, stacked
+
+
+def _top_names(graph: onnx.GraphProto) -> set[str]:
+    """Names defined in the top graph itself."""
+    return {
+        *(v.name for v in graph.input),
+        *(t.name for t in graph.initializer),
+        *(o for n in graph.node for o in n.output),
+    }
+
+
+def _graphs_with_parents(
+    graph: onnx.GraphProto, parent: _Parent | None
+) -> Iterator[tuple[onnx.GraphProto, _Parent | None]]:
+    yield graph, parent
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs_with_parents(attr.g, (graph, node, attr.name))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs_with_parents(sub, (graph, node, attr.name))
+
+
+def _path_to_top(graph: onnx.GraphProto, parents: dict[int, _Parent]) -> list[_Parent] | None:
+    """The (parent graph, node, attribute) chain from `graph` outward; None past other ops."""
+    path = []
+    while id(graph) in parents:
+        parent = parents[id(graph)]
+        node = parent[1]
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("If", "Loop", "Scan"):
+            return None
+        path.append(parent)
+        graph = parent[0]
+    return path
+
+
+def _lift(
+    body: onnx.GraphProto,
+    node: onnx.NodeProto,
+    attr: str,
+    name: str,
+    elem: int,
+    fresh: Callable[[str], str],
+) -> str:
+    """Makes `name` of `body` an extra output of `node`; returns that output's name."""
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "If":
+        other = attrs["else_branch" if attr == "then_branch" else "then_branch"].g
+        empty = fresh(name)
+        other.node.append(
+            onnx.helper.make_node(
+                "Constant", [], [empty], value=onnx.helper.make_tensor(empty, elem, [0], [])
+            )
+        )
+        other.output.append(onnx.helper.make_tensor_value_info(empty, elem, None))
+    else:
+        # Loop outputs: carried values then scan outputs (body outputs minus `cond`); Scan:
+        # states then scan outputs (as many as the body's). Omitted trailing ones are named.
+        count = len(body.output) - (1 if node.op_type == "Loop" else 0)
+        while len(node.output) < count:
+            node.output.append(fresh(f"{node.name or node.op_type}_unused"))
+        for key in ("scan_output_axes", "scan_output_directions"):
+            if key in attrs:
+                attrs[key].ints.append(0)
+    body.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    outer = fresh(name)
+    node.output.append(outer)
+    return outer
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every tensor onnx shape inference (or the model) declares."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is best effort; declared types remain
+        inferred = model
+    types: dict[str, int] = {}
+    for graph, _ in _graphs_with_parents(inferred.graph, None):
+        for tensor in graph.initializer:
+            types[tensor.name] = tensor.data_type
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+                types[value.name] = value.type.tensor_type.elem_type
+    return types
 
 
 def percentile_range(
@@ -277,6 +520,36 @@ def percentile_range(
     first = int(np.searchsorted(cumulative, tail, side="right"))
     last = int(np.searchsorted(cumulative, total - tail, side="left"))
     return float(edges[min(first, len(hist) - 1)]), float(edges[min(last + 1, len(hist))])
+
+
+def _bin_of_zero(low: float, high: float) -> int:
+    """The histogram bin over [low, high] that holds 0.0."""
+    return int(np.clip(np.floor((0.0 - low) / (high - low) * BINS), 0, BINS - 1))
+
+
+def mse_range(hist: np.ndarray, low: float, high: float, levels: int = 256) -> tuple[float, float]:
+    """The clipping range that minimizes the expected squared error of `levels`-step rounding.
+
+    For each of `_MSE_CANDIDATES` thresholds T up to the largest magnitude, values inside the
+    range cost the rounding noise step^2 / 12 and values beyond it their clipping distance
+    squared; signed tensors clip |x| at T (the range [max(low, -T), min(high, T)]),
+    non-negative ones [low, low + T].
+    """
+    edges = np.linspace(low, high, len(hist) + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    counts = hist.astype(np.float64)
+    magnitude = centers - low if low >= 0.0 else np.abs(centers)
+    top = high - low if low >= 0.0 else max(abs(low), abs(high))
+    thresholds = np.linspace(top / _MSE_CANDIDATES, top, _MSE_CANDIDATES)
+    span = thresholds if low >= 0.0 else np.minimum(high, thresholds) - np.maximum(low, -thresholds)
+    noise = (span / (levels - 1)) ** 2 / 12
+    beyond = np.maximum(magnitude[None, :] - thresholds[:, None], 0.0)
+    inside = (beyond == 0).astype(np.float64) @ counts
+    error = noise * inside + (beyond**2) @ counts
+    best = float(thresholds[int(np.argmin(error))])
+    if low >= 0.0:
+        return low, min(high, low + best)
+    return max(low, -best), min(high, best)
 
 
 def entropy_range(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -14,7 +16,15 @@ from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult, verify_model
 from dsopt.pattern import topological_order
 
-__all__ = ["PROPERTY_EXAMPLES", "TOLERANCES", "apply_pass", "check_pass", "fired", "op_types"]
+__all__ = [
+    "PROPERTY_EXAMPLES",
+    "TOLERANCES",
+    "apply_pass",
+    "check_pass",
+    "fired",
+    "op_types",
+    "ort_optimized_ops",
+]
 
 #: Examples per property test in the default CI run (at least 200); raise it for long runs.
 PROPERTY_EXAMPLES = int(os.environ.get("DSOPT_PROPERTY_EXAMPLES", "200"))
@@ -90,3 +100,15 @@ def op_types(graph: onnx.GraphProto) -> list[str]:
 def fired(stats: Mapping[str, int | float | str]) -> dict[str, int | float | str]:
     """The statistics of a PassResult that are non-zero (the rules that fired)."""
     return {name: value for name, value in stats.items() if value}
+
+
+def ort_optimized_ops(model: onnx.ModelProto) -> Counter[str]:
+    """The op types onnxruntime's CPU provider runs after its own fusions (QDQ -> int8 kernels)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="dsopt-ort-") as folder:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = os.path.join(folder, "ort.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
