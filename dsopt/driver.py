@@ -211,9 +211,32 @@ def optimize(
     if stage_text and precision != "fp16" and report.after["bytes"] <= QUANT_ERROR_MAX_BYTES:
         before_stage = module.to_proto()
     if stage_text:
-        stage = parse_pipeline(stage_text).with_options(settings.get("options") or {})
-        stage_passes = [host.get_pass(e.name).from_options(e.options) for e in stage.entries]
-        stage_report = PassManager(stage_passes, verify=verify).run(module, ctx)  # type: ignore[arg-type]
+        # Static int8 that misses its bound on the calibration samples (a model too
+        # sensitive to per-tensor activation scales) falls back to dynamic int8.
+        fallback = precision == "int8" and calib is not None and before_stage is not None
+        saved = module.clone() if fallback else None
+        stage, stage_passes, stage_report = _run_stage(
+            host, stage_text, settings, module, ctx, verify
+        )
+        if saved is not None and before_stage is not None:
+            miss = _bound_miss(before_stage, module, stage_passes, calib)
+            if miss:
+                logger.warning(
+                    "static int8 misses its bound on the calibration samples (%s); using "
+                    "int8-dynamic instead (keep static int8: --passes with quantize-static)",
+                    miss,
+                )
+                module = saved
+                dynamic = precision_passes(
+                    "int8-dynamic",
+                    calibrated=True,
+                    legalize="legalize-quantized" in pipeline.names(),
+                )
+                assert dynamic is not None
+                stage, stage_passes, stage_report = _run_stage(
+                    host, dynamic, settings, module, ctx, verify
+                )
+                report.notes.append(f"int8 static -> int8-dynamic: {miss}")
         _extend_report(report, stage_report)
         instances = [*instances, *stage_passes]
         pipeline_text += " | " + str(stage)
@@ -246,6 +269,49 @@ def optimize(
             relative=relative,
         )
     return result
+
+
+def _run_stage(
+    host: PluginHost,
+    text: str,
+    settings: Mapping[str, Any],
+    module: Module,
+    ctx: PassContext,
+    verify: str,
+) -> tuple[Any, list[Any], PipelineReport]:
+    """Runs the precision stage `text` once on `module`: (pipeline, passes, report)."""
+    stage = parse_pipeline(text).with_options(settings.get("options") or {})
+    passes = [host.get_pass(e.name).from_options(e.options) for e in stage.entries]
+    return stage, passes, PassManager(passes, verify=verify).run(module, ctx)  # type: ignore[arg-type]
+
+
+def _bound_miss(
+    reference: onnx.ModelProto, module: Module, passes: Sequence[Any], calib: Any
+) -> str | None:
+    """How the lossy stage's result misses its relative bound on calibration samples, if it does."""
+    from dsopt import numerics
+
+    relative = max(
+        (
+            float(p.tolerance or 0.0)
+            for p in passes
+            if p.exactness == "lossy" and p.bound == "relative"
+        ),
+        default=None,
+    )
+    if relative is None:
+        return None
+    check = numerics.check_equivalence(
+        reference, module.to_proto(), inputs=list(calib.limited(QUANT_ERROR_SAMPLES)),
+        relative=relative,
+    )  # fmt: skip
+    failed = check.failures()
+    if not failed:
+        return None
+    worst = failed[0]
+    cosine = f"{worst.cosine:.4f}" if worst.cosine is not None else "?"
+    rel = f"{worst.rel_l2_error:.3f}" if worst.rel_l2_error is not None else "?"
+    return f"output '{worst.name}': cosine {cosine}, relative L2 error {rel}"
 
 
 def _quant_error(

@@ -208,6 +208,8 @@ class PipelineReport:
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
     verification: str = "off"
     seconds: float = 0.0
+    #: Decisions the driver took on its own (e.g. a precision fallback), one line each.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -217,6 +219,7 @@ class PipelineReport:
             "verification": self.verification,
             "seconds": round(self.seconds, 6),
             "passes": [p.to_dict() for p in self.passes],
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 
