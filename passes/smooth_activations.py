@@ -389,12 +389,16 @@ class _Finder:
             chain.append(tensor)
 
     def _constant_operand(self, node: gs.Node, k: int) -> int | None:
-        """The input index of a float32 constant with last dim 1 or K, the other not constant."""
+        """The input index of a per-channel float32 constant (last dim K); the other varies.
+
+        Scalar (or last dim 1) constants are left alone: folding 1/s would turn them into
+        vectors and break patterns the runtime fuses (Gelu's 0.5, attention scales).
+        """
         found = [i for i in (0, 1) if read_constant(node.inputs[i]) is not None]
         if len(found) != 1:
             return None
         value = _float_constant(node.inputs[found[0]])
-        if value is None or (value.ndim and value.shape[-1] not in (1, k)):
+        if value is None or value.ndim == 0 or value.shape[-1] != k:
             return None
         return found[0]
 
