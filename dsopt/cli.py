@@ -86,9 +86,10 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "int8", "int8-dynamic", "int4"),
+        choices=("fp32", "fp16", "int8", "int8-dynamic", "int4", "mixed"),
         help="lower weights/compute after the lossless passes: fp16, int8 (static with "
-        "--calib, else dynamic), int8-dynamic, int4 (block-wise weights)",
+        "--calib, else dynamic), int8-dynamic, int4 (block-wise weights), mixed (a precision "
+        "per weight within --size-budget/--max-error/--min-cosine; needs --calib)",
     )
     p.add_argument(
         "--calib",
@@ -104,6 +105,23 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--block-size", type=int, metavar="N", help="int4 block size (power of two, 16-256)"
+    )
+    p.add_argument(
+        "--size-budget",
+        metavar="SIZE",
+        help="--precision mixed: weight bytes, a fraction of float32 (0.15) or a size (12MB)",
+    )
+    p.add_argument(
+        "--max-error",
+        type=float,
+        metavar="E",
+        help="--precision mixed: most relative L2 error of the outputs on the --calib samples",
+    )
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        metavar="C",
+        help="--precision mixed: least cosine of the outputs to float32 on the --calib samples",
     )
 
 
@@ -380,6 +398,9 @@ def _run_with_progress(run: Any, args: argparse.Namespace, **kwargs: Any) -> Any
             precision=args.precision,
             calibration=args.calib,
             block_size=args.block_size,
+            size_budget=args.size_budget,
+            max_error=args.max_error,
+            min_cosine=args.min_cosine,
             **kwargs,
         )
     finally:
@@ -436,6 +457,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         report["equivalence"] = result.equivalence.to_dict()
         _print_equivalence(result.equivalence, console)
     report.update(result.quant_error_entry())
+    report.update(result.mixed_entry())
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     _print_report_summary(result.report, console)

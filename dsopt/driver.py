@@ -49,7 +49,8 @@ class OptimizeResult:
     """The optimized module, the pipeline report and (with `check`) the equivalence report.
 
     `quant_error` is the per-tensor error report of an int8/int4 precision stage
-    (`dsopt.quant.error_report.QuantErrorReport`), None when none ran.
+    (`dsopt.quant.error_report.QuantErrorReport`), None when none ran; `mixed` the
+    `dsopt.mixed.MixedResult` of `--precision mixed`.
     """
 
     module: Module
@@ -57,6 +58,7 @@ class OptimizeResult:
     pipeline: str
     equivalence: Any = None
     quant_error: Any = None
+    mixed: Any = None
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -68,6 +70,10 @@ class OptimizeResult:
         if self.quant_error is None:
             return {}
         return {"quant_error": self.quant_error.to_dict(worst=QUANT_ERROR_WORST)}
+
+    def mixed_entry(self) -> dict[str, Any]:
+        """`{"mixed": per-node precisions, totals, Pareto points}` for report.json; {} without."""
+        return {"mixed": self.mixed.to_dict()} if self.mixed is not None else {}
 
 
 @dataclasses.dataclass
@@ -135,6 +141,9 @@ def optimize(
     precision: str | None = None,
     calibration: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
     block_size: int | None = None,
+    size_budget: str | float | None = None,
+    max_error: float | None = None,
+    min_cosine: float | None = None,
 ) -> OptimizeResult:
     """Runs a pipeline on `model` and returns the optimized module.
 
@@ -159,6 +168,11 @@ def optimize(
         calibration: `--calib`: a folder of .npz feeds, one stacked .npz, feeds in memory,
             or "synthetic" (random feeds; warns).
         block_size: Block size of int4 weights.
+        size_budget: `--precision mixed`: weight bytes, a fraction of the float32 ones (0.15)
+            or a size ("12MB").
+        max_error: `--precision mixed`: most relative L2 error of the outputs on the
+            calibration samples.
+        min_cosine: `--precision mixed`: least cosine of the outputs to the float32 ones.
     """
     settings = dict(config) if isinstance(config, Mapping) else load_config(config)
     host = host or PluginHost()
@@ -167,7 +181,13 @@ def optimize(
     verify = verify or settings.get("verify", "end")
     precision = precision or settings.get("precision")
     module, _ = _as_module(model)
+    budget = _mixed_budget(precision, size_budget, max_error, min_cosine)
     calib = _calibration(calibration, module, shapes)
+    if precision == "mixed" and calib is None:
+        raise UsageError(
+            "--precision mixed needs calibration data to measure each weight's sensitivity",
+            hint="pass --calib DIR|FILE.npz (--calib synthetic for random data)",
+        )
     original = module.to_proto() if check else None
     if isinstance(model, Module) and check:
         original = model.to_proto()
@@ -186,6 +206,8 @@ def optimize(
     )
     if stage_text and precision != "fp16":
         instances = [p for p in instances if p.name not in FLOAT_ONLY_PASSES]
+    if precision == "mixed":  # a target pipeline's fp16 would leave no float32 weight to assign
+        instances = [p for p in instances if p.name != "convert-float16"]
     global_options: dict[str, Any] = {}
     host.hook.dsopt_add_options(options=global_options)
     global_options.update(options or {})
@@ -210,6 +232,21 @@ def optimize(
     before_stage = None
     if stage_text and precision != "fp16" and report.after["bytes"] <= QUANT_ERROR_MAX_BYTES:
         before_stage = module.to_proto()
+    mixed = None
+    if precision == "mixed":
+        from dsopt.mixed import mixed_precision, target_candidates
+
+        mixed = mixed_precision(
+            module,
+            calib,
+            budget,
+            ctx,
+            precisions=target_candidates(target_obj.precisions if target_obj else None),
+            block_size=block_size,
+            size_budget=size_budget,
+        )
+        module = mixed.module
+        report.notes.extend(f"mixed precision: {note}" for note in mixed.notes)
     if stage_text:
         # Static int8 that misses its bound on the calibration samples (a model too
         # sensitive to per-tensor activation scales) falls back to dynamic int8.
@@ -240,11 +277,13 @@ def optimize(
         _extend_report(report, stage_report)
         instances = [*instances, *stage_passes]
         pipeline_text += " | " + str(stage)
-    result = OptimizeResult(module=module, report=report, pipeline=pipeline_text)
+    result = OptimizeResult(module=module, report=report, pipeline=pipeline_text, mixed=mixed)
     # A lossy pass that changed the model (e.g. convert-float16) declares its error bound:
     # the check allows it.
     changed = {record.name for record in report.passes if record.changed}
     lossy = [p for p in instances if p.exactness == "lossy" and p.name in changed]
+    if mixed is not None:
+        lossy += mixed.passes  # run by dsopt.mixed, outside the report's records
     bounds = [float(p.tolerance or 0.0) for p in lossy if p.bound == "absolute"]
     if bounds:
         rtol, atol = max(rtol, *bounds), max(atol, *bounds)
@@ -269,6 +308,40 @@ def optimize(
             relative=relative,
         )
     return result
+
+
+def _mixed_budget(
+    precision: str | None,
+    size_budget: str | float | None,
+    max_error: float | None,
+    min_cosine: float | None,
+) -> Any:
+    """The `--precision mixed` budget (size resolved later), None for other precisions."""
+    given = [
+        flag
+        for flag, value in (
+            ("--size-budget", size_budget),
+            ("--max-error", max_error),
+            ("--min-cosine", min_cosine),
+        )
+        if value is not None
+    ]
+    if precision != "mixed":
+        if given:
+            raise UsageError(
+                f"{given[0]} applies to --precision mixed, not {precision or 'fp32'}",
+                hint="add --precision mixed",
+            )
+        return None
+    from dsopt.mixed import Budget, check_error_budget
+
+    if not given:
+        raise UsageError(
+            "--precision mixed needs a budget",
+            hint="give --size-budget (0.25 or 12MB), --max-error 0.01 or --min-cosine 0.995",
+        )
+    check_error_budget(max_error, min_cosine)
+    return Budget(max_error=max_error, min_cosine=min_cosine)
 
 
 def _run_stage(
@@ -379,6 +452,9 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     precision: str | None = None,
     calibration: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
     block_size: int | None = None,
+    size_budget: str | float | None = None,
+    max_error: float | None = None,
+    min_cosine: float | None = None,
 ) -> CompileResult:
     """Optimizes `model` for `target` and writes OUTDIR (model, manifest.json, report.json).
 
@@ -423,6 +499,9 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
         precision=precision,
         calibration=calibration,
         block_size=block_size,
+        size_budget=size_budget,
+        max_error=max_error,
+        min_cosine=min_cosine,
     )
     if result.equivalence is not None and not result.equivalence.ok:
         bad = [o for o in result.equivalence.outputs if not o.within_tolerance]
@@ -465,6 +544,7 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
             **result.report.to_dict(),
             "equivalence": result.equivalence.to_dict() if result.equivalence else None,
             **result.quant_error_entry(),
+            **result.mixed_entry(),
             "lowering_seconds": round(lowering_seconds, 6),
             "library_check": library_check,
         }

@@ -93,6 +93,7 @@ class Module:
         from dsopt.pattern import topological_order
 
         for sub in iter_graphs(graph):
+            _check_text(sub)
             sub.nodes = topological_order(sub)
         return cls(graph, facts, base_dir=base_dir)
 
@@ -414,6 +415,25 @@ def _infer_default_opset(model: onnx.ModelProto) -> int:
     return max(
         (imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), default=1
     )
+
+
+def _check_text(graph: gs.Graph) -> None:
+    """Op types, domains and names must be text (protobuf hands back bytes for bad UTF-8)."""
+    for node in graph.nodes:
+        for field in ("op", "domain", "name"):
+            value = getattr(node, field)
+            if value is not None and not isinstance(value, str):
+                raise ModelError(
+                    f"node {node.name!r} has a {field} that is not valid UTF-8 text: {value!r}",
+                    hint="the file is corrupt; export the model again",
+                )
+        for tensor in (*node.inputs, *node.outputs):
+            if not isinstance(tensor.name, str):
+                raise ModelError(
+                    f"node {node.name!r} reads or writes a tensor whose name is not valid UTF-8 "
+                    f"text: {tensor.name!r}",
+                    hint="the file is corrupt; export the model again",
+                )
 
 
 def _domains_used(module: Module) -> dict[str, int]:

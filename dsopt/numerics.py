@@ -92,6 +92,10 @@ class _InputSpec:
         return "[" + ",".join("?" if d is None else str(d) for d in self.dims) + "]"
 
 
+#: Largest random sample dsopt makes for one input (2**28 elements: 1 GiB of float32).
+MAX_RANDOM_ELEMENTS = 2**28
+
+
 def _elem_type_name(elem_type: int) -> str:
     try:
         return str(onnx.TensorProto.DataType.Name(elem_type)).lower()
@@ -254,6 +258,13 @@ def random_inputs(
                     shape.append(bindings.setdefault(declared, default_dim))
                 else:
                     shape.append(default_dim)
+        elements = math.prod(shape)
+        if elements > MAX_RANDOM_ELEMENTS:
+            raise UsageError(
+                f"input '{spec.name}' of shape {list(shape)} has {elements} elements, too many "
+                f"for a random sample (the limit is {MAX_RANDOM_ELEMENTS})",
+                hint=f"give a smaller one with --shape {spec.name}=D1,D2,... or pass --inputs",
+            )
         feeds[spec.name] = _random_array(rng, spec, shape, bounds.get(spec.name, _INT_HIGH))
     return feeds
 
@@ -588,7 +599,8 @@ class _Session:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        # Fatal only: onnxruntime's own error lines would precede dsopt's one-line message.
+        options.log_severity_level = 4
         # Pre-packed constant MatMul/Gemm weights round differently from computed operands;
         # without pre-packing, folding a weight cannot move outputs by an ulp.
         options.add_session_config_entry("session.disable_prepacking", "1")

@@ -20,6 +20,8 @@ PRECISIONS: dict[str, str] = {
     "activation outliers smoothed into the weights first)",
     "int4": "4-bit block-wise MatMul/Gemm and embedding weights (--block-size, default 32; "
     "with --calib: GPTQ rounding)",
+    "mixed": "a precision per weight (fp32/fp16/int8/int4) within --size-budget, --max-error "
+    "or --min-cosine, chosen from per-weight sensitivity on --calib (`dsopt.mixed`)",
 }
 
 #: Lossless passes that hide ops from quantization: com.microsoft float fusions.
@@ -51,10 +53,13 @@ def precision_passes(
             f"--precision {precision} is unknown",
             hint="choose one of " + ", ".join(PRECISIONS),
         )
-    if block_size is not None and precision != "int4":
+    if block_size is not None and precision not in ("int4", "mixed"):
         raise UsageError(f"--block-size applies to --precision int4, not {precision}")
     if precision == "fp16":
         return "convert-float16"
+    if precision == "mixed":
+        # dsopt.mixed lowers the weights itself; the stage only folds and cleans up after it.
+        return "fold-qdq,eliminate-dead" + (",legalize-quantized" if legalize else "")
     if precision == "int8" and calibrated:
         text = "upgrade-opset{to=13},quantize-static,quantize-weights{bits=8}"
     elif precision in ("int8", "int8-dynamic"):

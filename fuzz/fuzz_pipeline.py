@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import onnx
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dsopt
 from dsopt import numerics
 from dsopt.plugin import PluginHost
 from dsopt.testing import strategies
+from fuzz import campaign_settings
 
 CRASHERS = Path(__file__).with_name("crashers")
 
@@ -39,13 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     counter = {"n": 0, "changed": 0}
     started = time.time()
 
-    @seed(run_seed)
-    @settings(
-        max_examples=args.examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @campaign_settings(args.examples, run_seed)
     @given(
         model=strategies.models(), order=st.lists(st.sampled_from(lossless), min_size=1, max_size=8)
     )

@@ -35,6 +35,8 @@ def test_wheel_has_only_dsopt_and_all_passes(tmp_path):
         assert f"dsopt/passes/{module.name}" in names
     for module in (ROOT / "targets").glob("*.py"):
         assert f"dsopt/targets/{module.name}" in names
+    for module in (ROOT / "dsopt").rglob("*.py"):  # every subpackage (quant, mixed, ...) too
+        assert f"dsopt/{module.relative_to(ROOT / 'dsopt').as_posix()}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dsopt = dsopt.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

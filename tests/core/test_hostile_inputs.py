@@ -100,3 +100,33 @@ def test_verify_off_skips_the_input_check(tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err
+
+
+def test_an_input_too_large_for_a_random_sample_is_one_line(tmp_path, capfd):
+    big = [2**20, 2**20]  # valid, but 4 TiB of float32 as a random check sample
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "huge",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, big)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, big)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source, out = tmp_path / "huge.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    code = main(["optimize", str(source), "-o", str(out), "--check"])
+    err = capfd.readouterr().err  # file-descriptor level: onnxruntime's C++ log too
+    assert code == 2 and not out.exists()
+    assert err.startswith("dsopt: error: input ") and "too many for a random sample" in err
+    assert len(err.strip().splitlines()) == 2 and "hint: give a smaller one with --shape" in err
+
+
+def test_onnxruntime_load_failures_print_only_dsopts_line(tmp_path, capfd):
+    model = tiny()
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("nowhere", TensorProto.FLOAT, [1]))
+    source = tmp_path / "bad.onnx"
+    source.write_bytes(model.SerializeToString())
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--check"])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert all(line.startswith(("dsopt: error:", "  hint:")) for line in err.strip().splitlines())

@@ -1,0 +1,345 @@
+"""Per-node sensitivity: each weight lowered alone, its bytes and the outputs' error.
+
+A *unit* is one constant float32 weight and the weight-bearing nodes reading it (MatMul,
+Gemm, Conv, ConvTranspose, Gather on a table); its precision is chosen as one. Lowering a
+unit runs the usual pass on a clone with every other weight-bearing node excluded
+(`quantize-weights{bits=8|4,exclude=...}`; fp16 through `convert-float16` with every other
+node blocked), so sensitivities and the combined model use exactly the precision stage's
+numerics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from dsopt.analysis import AnalysisManager
+from dsopt.errors import UsageError
+from dsopt.ir import Module
+from dsopt.pass_infra import PassContext
+from dsopt.passes.convert_float16 import ConvertFloat16
+from dsopt.passes.quantize_weights import QuantizeWeights
+from dsopt.pattern import read_constant, topological_order
+
+__all__ = [
+    "CANDIDATES",
+    "TARGET_PRECISIONS",
+    "Candidate",
+    "ErrorMeter",
+    "SensitivityCache",
+    "Unit",
+    "lower",
+    "measure",
+    "weight_units",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Candidate precisions, widest first.
+CANDIDATES = ("fp32", "fp16", "int8", "int4")
+#: `Target.precisions` keys -> candidates.
+TARGET_PRECISIONS = {"float32": "fp32", "float16": "fp16", "int8": "int8", "int4-weight": "int4"}
+#: Weight input index per weight-bearing op.
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+_INT4_OPS = frozenset({"MatMul", "Gemm", "Gather"})
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One precision of one unit: its weight bytes and the outputs' error with it alone."""
+
+    precision: str
+    bytes: int
+    rel_l2: float
+    cosine: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Unit:
+    """A weight and the nodes reading it; named by its first reader."""
+
+    name: str
+    op: str
+    nodes: tuple[str, ...]
+    elements: int
+    main_graph: bool
+    candidates: dict[str, Candidate] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fp32_bytes(self) -> int:
+        """Bytes of the float32 weight."""
+        return 4 * self.elements
+
+
+def weight_units(module: Module) -> list[Unit]:
+    """The units of `module`, in graph order; names unnamed nodes (`mixed_<op>_<i>`) in place.
+
+    Weights read by anything but weight-bearing nodes stay float (quantize-weights would keep
+    them float too) and are no unit.
+    """
+    names = {n.name for g in module.graphs() for n in g.nodes if n.name}
+    counter = 0
+    for graph in module.graphs():
+        for node in graph.nodes:
+            if not node.name:
+                while f"mixed_{node.op}_{counter}" in names:
+                    counter += 1
+                node.name = f"mixed_{node.op}_{counter}"
+                names.add(node.name)
+    found: dict[int, Unit] = {}
+    tensors: dict[int, Any] = {}
+    for graph_index, graph in enumerate(module.graphs()):
+        for node in graph.nodes:
+            index = _WEIGHT_INPUT.get(node.op)
+            if index is None or (node.domain or "") not in ("", "ai.onnx"):
+                continue
+            if len(node.inputs) <= index:
+                continue
+            tensor = node.inputs[index]
+            value = read_constant(tensor)
+            if value is None or value.dtype != np.float32 or value.ndim < 2:
+                continue
+            unit = found.get(id(tensor))
+            if unit is None:
+                unit = Unit(node.name, node.op, (), int(value.size), graph_index == 0)
+                found[id(tensor)] = unit
+                tensors[id(tensor)] = tensor
+            unit.nodes = (*unit.nodes, node.name)
+            unit.main_graph = unit.main_graph and graph_index == 0
+    kept = []
+    for key, unit in found.items():
+        tensor = tensors[key]
+        readers = sum(1 for r in tensor.outputs for t in r.inputs if t is tensor)
+        if readers == len(unit.nodes) and len({r.op for r in tensor.outputs}) == 1:
+            kept.append(unit)
+    return kept
+
+
+def allowed(unit: Unit, precision: str) -> bool:
+    """Whether `precision` is a candidate for `unit` (before trying it)."""
+    if precision == "int4":
+        return unit.op in _INT4_OPS
+    if precision == "fp16":
+        return unit.main_graph
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnlyFloat16(ConvertFloat16):
+    """convert-float16 limited to the nodes named in `only` (every other node blocked)."""
+
+    only: str = ""
+
+    def blocked_nodes(self, module: Module, ctx: PassContext) -> frozenset[str]:
+        """Every named node outside `only`."""
+        keep = set(self.only.split(","))
+        return frozenset(n.name for n in module.graph.nodes if n.name and n.name not in keep)
+
+
+def lower(
+    source: Module | onnx.ModelProto,
+    units: Sequence[Unit],
+    assignment: Mapping[str, str],
+    ctx: PassContext,
+    *,
+    block_size: int | None = None,
+) -> tuple[Module, dict[str, int]]:
+    """A clone of `module` with each unit in its assigned precision (default fp32).
+
+    Returns the clone and the weight bytes per unit as the passes stored them. Pass the
+    ModelProto when lowering one model many times: the clone is parsed from it (a graph
+    copy would share export dtypes that convert-float16 changes).
+    """
+    proto = source.to_proto() if isinstance(source, Module) else source
+    clone = Module.from_proto(proto)
+    all_nodes = [n for u in units for n in u.nodes]
+    by_precision: dict[str, list[Unit]] = {}
+    for unit in units:
+        by_precision.setdefault(assignment.get(unit.name, "fp32"), []).append(unit)
+    sizes = {u.name: u.fp32_bytes for u in units}
+    half = by_precision.get("fp16", [])
+    if half:
+        only = ",".join(n for u in half for n in u.nodes)
+        _run(clone, _OnlyFloat16(only=only), ctx)
+        nodes = {n.name: n for n in clone.graph.nodes}
+        for unit in half:
+            node = nodes.get(unit.name)
+            weight = node.inputs[_WEIGHT_INPUT[node.op]] if node is not None else None
+            if weight is not None and weight.dtype == np.float16:  # else the pass kept it
+                sizes[unit.name] = 2 * unit.elements
+    for precision, bits in (("int4", 4), ("int8", 8)):
+        chosen = by_precision.get(precision, [])
+        if not chosen:
+            continue
+        options: dict[str, Any] = {"bits": bits}
+        if bits == 4 and block_size is not None:
+            options["block_size"] = block_size
+        # One unit at a time, every other weight-bearing node excluded: the pass's byte
+        # count is then that unit's.
+        for unit in chosen:
+            exclude = ",".join(n for n in all_nodes if n not in unit.nodes)
+            stats = _run(clone, QuantizeWeights(**options, exclude=exclude), ctx)
+            if int(stats.get("weights", 0)):
+                sizes[unit.name] = int(stats["bytes-after"])
+    return clone, sizes
+
+
+def _run(module: Module, pass_: Any, ctx: PassContext) -> Mapping[str, Any]:
+    """Runs one pass in place, as the pass manager would; returns its statistics."""
+    local = dataclasses.replace(ctx, analyses=AnalysisManager(module))
+    result = pass_.run(module, local)
+    for graph in module.graphs():
+        graph.nodes = topological_order(graph)
+    return dict(result.stats or {})
+
+
+class ErrorMeter:
+    """Output error of candidate models against a reference, on fixed feeds.
+
+    The reference runs once; `runs` counts the candidate models run since.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, feeds: Iterable[Mapping[str, Any]]) -> None:
+        names = [i.name for i in reference.graph.input]
+        self.feeds = [{k: np.asarray(v) for k, v in f.items() if k in names} for f in feeds]
+        if not self.feeds:
+            raise UsageError("--precision mixed: the calibration data holds no samples")
+        self.reference = self._outputs(reference)
+        self.runs = 0
+
+    def _outputs(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        return [[np.asarray(o) for o in session.run(None, feed)] for feed in self.feeds]
+
+    def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
+        """(worst relative L2 error, worst cosine) over the float outputs, feeds pooled."""
+        self.runs += 1
+        return _errors(self.reference, self._outputs(model))
+
+
+def _errors(
+    reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]
+) -> tuple[float, float]:
+    worst_rel, worst_cos = 0.0, 1.0
+    for index in range(len(reference[0])):
+        if reference[0][index].dtype.kind != "f":
+            continue
+        r = np.concatenate([s[index].ravel() for s in reference]).astype(np.float64)
+        c = np.concatenate([s[index].ravel() for s in candidate]).astype(np.float64)
+        norm = float(np.linalg.norm(r))
+        diff = float(np.linalg.norm(c - r))
+        rel = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+        denom = norm * float(np.linalg.norm(c))
+        cos = float(np.dot(r, c) / denom) if denom > 0 else (1.0 if diff == 0 else 0.0)
+        if not np.isfinite(rel):
+            rel, cos = float("inf"), -1.0
+        worst_rel, worst_cos = max(worst_rel, rel), min(worst_cos, cos)
+    return worst_rel, worst_cos
+
+
+class SensitivityCache:
+    """Measured candidates keyed by (model sha256, node, precision), in memory and on disk.
+
+    With `path`, entries load from that JSON file (if it exists) and `save` writes it back.
+    The sample count is part of the key: fewer samples measure something else.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.entries = dict(json.loads(self.path.read_text()))
+            except (OSError, ValueError) as e:
+                raise UsageError(f"sensitivity cache {self.path} is unreadable: {e}") from e
+
+    @staticmethod
+    def key(model_sha: str, node: str, precision: str, samples: int) -> str:
+        """The key of one measurement."""
+        return f"{model_sha}|{node}|{precision}|{samples}"
+
+    def get(self, key: str) -> Candidate | None:
+        """The cached candidate, or None."""
+        entry = self.entries.get(key)
+        return Candidate(**entry) if entry is not None else None
+
+    def put(self, key: str, candidate: Candidate) -> None:
+        """Stores one measurement."""
+        self.entries[key] = candidate.to_dict()
+
+    def save(self) -> None:
+        """Writes the file (no-op without a path)."""
+        if self.path is not None:
+            self.path.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
+
+
+def measure(
+    module: Module,
+    units: Sequence[Unit],
+    precisions: Sequence[str],
+    meter: ErrorMeter,
+    ctx: PassContext,
+    *,
+    block_size: int | None = None,
+    cache: SensitivityCache | None = None,
+) -> None:
+    """Fills `unit.candidates` for each unit: fp32 (exact) and each allowed precision.
+
+    A precision the pass leaves float for a unit (too small, unsupported layout) is no
+    candidate. Results come from `cache` where it has them.
+    """
+    cache = cache if cache is not None else SensitivityCache()
+    proto = module.to_proto()
+    sha = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    if block_size is not None:
+        sha += f"/b{block_size}"
+    samples = len(meter.feeds)
+    for unit in units:
+        unit.candidates = {"fp32": Candidate("fp32", unit.fp32_bytes, 0.0, 1.0)}
+        for precision in precisions:
+            if precision == "fp32" or not allowed(unit, precision):
+                continue
+            key = SensitivityCache.key(sha, unit.name, precision, samples)
+            candidate = cache.get(key)
+            if candidate is None:
+                candidate = _try(proto, units, unit, precision, meter, ctx, block_size)
+                if candidate is None:
+                    candidate = Candidate(precision, unit.fp32_bytes, float("nan"), float("nan"))
+                cache.put(key, candidate)
+            if candidate.bytes < unit.fp32_bytes and np.isfinite(candidate.rel_l2):
+                unit.candidates[precision] = candidate
+    cache.save()
+
+
+def _try(
+    module: onnx.ModelProto,
+    units: Sequence[Unit],
+    unit: Unit,
+    precision: str,
+    meter: ErrorMeter,
+    ctx: PassContext,
+    block_size: int | None,
+) -> Candidate | None:
+    lowered, sizes = lower(module, units, {unit.name: precision}, ctx, block_size=block_size)
+    if sizes[unit.name] >= unit.fp32_bytes:
+        return None  # the pass kept it float
+    rel, cos = meter.measure(lowered.to_proto())
+    return Candidate(precision, sizes[unit.name], rel, cos)
