@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsopt.errors import CheckFailed, DsoptError, ExitCode, UsageError
+from dsopt.limits import LimitExceeded, parse_size, resource_limits
 
 __all__ = ["main"]
 
@@ -40,6 +41,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="block a plugin by name (repeatable)",
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="stop cleanly (exit 2, nothing written) past this resident memory, e.g. 8GB",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop cleanly (exit 2, nothing written) after this many seconds",
     )
 
 
@@ -142,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run original and result in onnxruntime and compare the outputs",
     )
+    p.add_argument("--cache-dir", help="reuse/store outputs in this content-addressed cache")
+    p.add_argument("--cache", action="store_true", help="--cache-dir ~/.cache/dsopt/artifacts")
+    p.add_argument("--no-cache", action="store_true", help="ignore --cache/DSOPT_CACHE_DIR")
     _pipeline_options(p)
     _common(p)
 
@@ -247,6 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
+    p = sub.add_parser("bench", help="latency, peak memory, size, FLOPs and fidelity vs MODEL")
+    p.add_argument("model", help="the baseline model")
+    p.add_argument("candidates", nargs="*", metavar="CANDIDATE", help="models to compare")
+    p.add_argument("--inputs", help="an .npz sample (default: random, seeded)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random inputs")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="PNG", help="write a bar chart (needs pillow)")
+    _common(p)
+    p = sub.add_parser("config", help="print the effective config (file found + flags)")
+    p.add_argument("--show", action="store_true", help="print the effective config")
+    p.add_argument("--config", help="dsopt.toml or pyproject.toml (default: the nearest one)")
+    p.add_argument("--passes", help="override the pipeline")
+    p.add_argument("--target", help="override the target")
+    p.add_argument("--verify", choices=("each", "end", "off"), help="override verification")
+    p.add_argument("--precision", help="override the precision")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
     return parser
 
 
@@ -265,13 +302,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().print_help()
             return ExitCode.USAGE_ERROR
         handler = _COMMANDS[args.command]
-        return int(handler(args))
+        memory = getattr(args, "max_memory", None)
+        limits = (parse_size(memory) if memory else None, getattr(args, "timeout", None))
+        with resource_limits(*limits, what=f"dsopt {args.command}"):
+            return int(handler(args))
     except DsoptError as e:
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"dsopt: error: {e.message}\n")
         if e.hint:
             sys.stderr.write(f"  hint: {e.hint}\n")
+        return int(e.exit_code)
+    except LimitExceeded as e:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"dsopt: error: {e.message}\n  hint: {e.hint}\n")
         return int(e.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("dsopt: interrupted\n")
@@ -441,6 +486,17 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     _check_output_path(args.model, args.output)
     from dsopt.driver import optimize
 
+    cache, key = _optimize_cache(args)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        import shutil
+
+        shutil.copyfile(hit[0], args.output)
+        report = {**hit[1], "cache": {"hit": True, "key": key, "dir": str(cache.root)}}
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+        _console().print(f"wrote {args.output} (cache hit {key[:12]}, no pass ran)")
+        return ExitCode.OK
     result = _run_with_progress(optimize, args, target=args.target, check=args.check)
     console = _console()
     if result.equivalence is not None and not result.equivalence.ok:
@@ -458,11 +514,31 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         _print_equivalence(result.equivalence, console)
     report.update(result.quant_error_entry())
     report.update(result.mixed_entry())
+    if cache is not None:
+        cache.put(key, Path(args.output), report)
+        report["cache"] = {"hit": False, "key": key, "dir": str(cache.root)}
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     _print_report_summary(result.report, console)
     console.print(f"wrote {args.output}")
     return ExitCode.OK
+
+
+def _optimize_cache(args: argparse.Namespace) -> tuple[Any, str]:
+    """The artifact cache of this optimize run and its key; (None, "") when off or bypassed."""
+    folder = args.cache_dir or os.environ.get("DSOPT_CACHE_DIR")
+    from dsopt import cache
+
+    if args.cache and not folder:
+        folder = str(cache.default_cache_dir())
+    # A hit runs no pass, so hooks of -p plugins and the per-pass instruments would not run.
+    instruments = args.plugins or args.dump_dir or args.print_after or args.print_after_change
+    if not folder or args.no_cache or instruments:
+        return None, ""
+    skip = {"debug", "output", "report", "model", "cache_dir", "cache", "no_cache", "command"}
+    settings = {k: v for k, v in vars(args).items() if k not in skip | {"inputs", "calib"}}
+    settings.update(config=_config(args), inputs_file=args.inputs, calib_file=args.calib)
+    return cache.ArtifactCache(folder), cache.cache_key(args.model, settings, _host(args))
 
 
 def _tune_settings(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -784,6 +860,62 @@ def _is_large(path: str) -> bool:
         return False
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dsopt import bench
+
+    report = bench.bench(
+        [args.model, *args.candidates],
+        inputs=args.inputs,
+        shapes=_shapes(args.shape),
+        threads=args.threads,
+        runs=args.runs,
+        warmup=args.warmup,
+        memory=not args.no_memory,
+        seed=args.seed,
+    )
+    if args.plot:
+        bench.plot(report, args.plot)
+    if args.json:
+        print(bench.to_json(report))
+    else:
+        bench.render(report, _console())
+    return ExitCode.OK
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if not args.show:
+        raise UsageError("config: say what to do", hint="dsopt config --show [--json]")
+    from dsopt.driver import build_pipeline
+
+    config = _config(args)
+    effective: dict[str, Any] = {"source": config.get("source")}
+    for key in ("passes", "target", "verify", "precision", "rounds", "check", "rtol", "atol"):
+        given = getattr(args, key, None)
+        effective[key] = given if given is not None else config.get(key)
+    effective["verify"] = effective["verify"] or "end"
+    pipeline, _ = build_pipeline(
+        _host(args),
+        passes=effective["passes"],
+        target=effective["target"],
+        options=config.get("options"),
+        rounds=effective["rounds"],
+    )
+    effective.update(pipeline=str(pipeline), rounds=pipeline.rounds)
+    effective["shapes"] = config.get("shapes")
+    effective["options"] = config.get("options") or {}
+    if args.json:
+        print(json.dumps(effective, indent=2))
+        return ExitCode.OK
+    for key, value in effective.items():
+        if key != "options" and value is not None:
+            print(f"{key} = {json.dumps(value)}")
+    for name, table in effective["options"].items():
+        print(f"\n[options.{name}]")
+        for key, value in table.items():
+            print(f"{key} = {json.dumps(value)}")
+    return ExitCode.OK
+
+
 _COMMANDS = {
     "optimize": _cmd_optimize,
     "compile": _cmd_compile,
@@ -794,4 +926,6 @@ _COMMANDS = {
     "verify": _cmd_verify,
     "explain": _cmd_explain,
     "lint": _cmd_lint,
+    "bench": _cmd_bench,
+    "config": _cmd_config,
 }

@@ -19,6 +19,7 @@ import onnx
 from dsopt.backend import int8_kernels
 from dsopt.errors import CheckFailed, UsageError
 from dsopt.ir import Module
+from dsopt.limits import discard_on_abort
 from dsopt.pass_infra import PassContext, PassManager, PipelineReport, Verify
 from dsopt.pipeline import Pipeline, default_pipeline, load_config, parse_pipeline
 from dsopt.plugin import PluginHost
@@ -211,6 +212,7 @@ def optimize(
     global_options: dict[str, Any] = {}
     host.hook.dsopt_add_options(options=global_options)
     global_options.update(options or {})
+    global_options.setdefault("verify", verify)  # plugin.py's contract check runs under "each"
     if shapes:
         global_options["shapes"] = {k: list(v) for k, v in shapes.items()}
     target_obj = host.get_target(target) if target else None
@@ -513,49 +515,50 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        lowering_started = time.perf_counter()
-        artifacts = target_obj.lower(
-            result.module,
-            staging,
-            {
-                "shapes": shapes,
-                "target": target_obj,
-                "schedules": (options or {}).get("schedules"),
-                "int8": (options or {}).get("int8"),
-                "tune": tuning,
-            },
-        )
-        lowering_seconds = time.perf_counter() - lowering_started
-        optimized = result.module.to_proto()
-        manifest = _manifest(source, target_obj.name, result, optimized, artifacts, staging)
-        library_check = None
-        if check and any(a.role == "library" for a in artifacts):
-            library_check = _check_library(
-                target_obj, staging, manifest, optimized, source, out, rtol=rtol, atol=atol
+    with discard_on_abort(staging):
+        try:
+            lowering_started = time.perf_counter()
+            artifacts = target_obj.lower(
+                result.module,
+                staging,
+                {
+                    "shapes": shapes,
+                    "target": target_obj,
+                    "schedules": (options or {}).get("schedules"),
+                    "int8": (options or {}).get("int8"),
+                    "tune": tuning,
+                },
             )
-            manifest["library_verified"] = library_check["ok"]
-        report = {
-            "dsopt_report_version": MANIFEST_VERSION,
-            "input": str(source),
-            "target": target_obj.name,
-            "pipeline": result.pipeline,
-            "seconds": round(time.perf_counter() - started, 6),
-            **result.report.to_dict(),
-            "equivalence": result.equivalence.to_dict() if result.equivalence else None,
-            **result.quant_error_entry(),
-            **result.mixed_entry(),
-            "lowering_seconds": round(lowering_seconds, 6),
-            "library_check": library_check,
-        }
-        _write_json(staging / "manifest.json", manifest)
-        _write_json(staging / "report.json", report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+            lowering_seconds = time.perf_counter() - lowering_started
+            optimized = result.module.to_proto()
+            manifest = _manifest(source, target_obj.name, result, optimized, artifacts, staging)
+            library_check = None
+            if check and any(a.role == "library" for a in artifacts):
+                library_check = _check_library(
+                    target_obj, staging, manifest, optimized, source, out, rtol=rtol, atol=atol
+                )
+                manifest["library_verified"] = library_check["ok"]
+            report = {
+                "dsopt_report_version": MANIFEST_VERSION,
+                "input": str(source),
+                "target": target_obj.name,
+                "pipeline": result.pipeline,
+                "seconds": round(time.perf_counter() - started, 6),
+                **result.report.to_dict(),
+                "equivalence": result.equivalence.to_dict() if result.equivalence else None,
+                **result.quant_error_entry(),
+                **result.mixed_entry(),
+                "lowering_seconds": round(lowering_seconds, 6),
+                "library_check": library_check,
+            }
+            _write_json(staging / "manifest.json", manifest)
+            _write_json(staging / "report.json", report)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return CompileResult(outdir=out, manifest=manifest, report=report)
 
 

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from dsopt.errors import ModelError
+from dsopt.limits import discard_on_abort
 
 __all__ = ["TWO_GB", "ModelFacts", "Module", "is_stub", "iter_graphs", "load", "save_model"]
 
@@ -99,9 +100,16 @@ class Module:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Module:
-        """Loads `path` (with its external data) into a Module."""
+        """Loads `path` (with its external data) into a Module.
+
+        External weights are read from their file straight into numpy arrays (one copy in
+        memory, not a protobuf copy plus an array copy per look).
+        """
         path = Path(path)
-        module = cls.from_proto(load(path), base_dir=path.parent)
+        proto = load(path, external_data=False)
+        module = cls.from_proto(proto, base_dir=path.parent)
+        _read_external_constants(module, path)
+        _load_external_data(proto, path.parent, path)  # what is left: attributes, odd dtypes
         module.source = path
         return module
 
@@ -228,8 +236,14 @@ class Module:
         return None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the module to `path` atomically; see `save_model`."""
-        return save_model(self.to_proto(), path)
+        """Writes the module to `path` atomically; see `save_model`.
+
+        Past protobuf's 2 GB limit the weights stream to `<name>.data` one tensor at a time,
+        so saving never holds a second copy of the model in memory.
+        """
+        if _weight_bytes(self) < _EXTERNAL_DATA_THRESHOLD:
+            return save_model(self.to_proto(), path)
+        return _save_streamed(self, Path(path))
 
     def fingerprint(self) -> str:
         """SHA-256 of the exported model bytes (weights included)."""
@@ -258,8 +272,12 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
                         yield from iter_graphs(item)
 
 
-def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Reads an ONNX file with its external data; every failure is a one-line ModelError."""
+def load(path: str | os.PathLike[str], *, external_data: bool = True) -> onnx.ModelProto:
+    """Reads an ONNX file with its external data; every failure is a one-line ModelError.
+
+    With `external_data=False` external tensors stay references (their locations are still
+    checked).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file", hint="check the path to the model")
@@ -274,7 +292,11 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
         ) from e
     if not model.HasField("graph") or not model.opset_import:
         raise ModelError(f"{path}: not an ONNX model (no graph or no opset_import)")
-    _load_external_data(model, path.parent, path)
+    for tensor in _all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            _external_file(tensor, path.parent.resolve(), path)
+    if external_data:
+        _load_external_data(model, path.parent, path)
     return model
 
 
@@ -288,33 +310,131 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     size = sum(len(t.raw_data) for t in _all_tensors(model)) + 1024 * len(model.graph.node)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp_data = path.parent / f".{path.name}.data.tmp"
     try:
-        if size >= _EXTERNAL_DATA_THRESHOLD:
-            data_name = f"{path.name}.data"
-            tmp_data = path.parent / f".{data_name}.tmp"
-            big = onnx.ModelProto()
-            big.CopyFrom(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                big, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
-            )
-            onnx.save_model(big, tmp)
-            # Point the model at the final data file name, then move both into place.
-            fixed = onnx.load_model(tmp, load_external_data=False)
-            for tensor in _all_tensors(fixed):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(fixed, tmp)
-            if tmp_data.exists():
-                os.replace(tmp_data, path.parent / data_name)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
-        os.replace(tmp, path)
+        with discard_on_abort(tmp), discard_on_abort(tmp_data):
+            _write(model, path, Path(tmp), tmp_data, external=size >= _EXTERNAL_DATA_THRESHOLD)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (Path(tmp), tmp_data):
+            leftover.unlink(missing_ok=True)
     return path
+
+
+def _save_streamed(module: Module, path: Path) -> Path:
+    """Module.save for models past 2 GB: weights go straight from the graph to the data file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = f"{path.name}.data"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_data = path.parent / f".{data_name}.tmp"
+    swapped: list[tuple[gs.Constant, object]] = []
+    try:
+        with discard_on_abort(tmp), discard_on_abort(tmp_data):
+            with open(tmp_data, "wb") as data:
+                for constant in _streamable_constants(module):
+                    payload = _raw_bytes(constant)
+                    offset = -data.tell() % _DATA_ALIGNMENT + data.tell()
+                    data.write(b"\0" * (offset - data.tell()))
+                    data.write(payload)
+                    length = len(payload)
+                    del payload  # one tensor's bytes in memory at a time
+                    stub = onnx.TensorProto(
+                        name=constant.name,
+                        dims=constant.shape,
+                        data_type=_onnx_dtype(constant),
+                        data_location=onnx.TensorProto.EXTERNAL,
+                    )
+                    for key, value in (("location", data_name), ("offset", offset)):
+                        stub.external_data.add(key=key, value=str(value))
+                    stub.external_data.add(key="length", value=str(length))
+                    swapped.append((constant, constant._values))
+                    constant._values = LazyValues(stub)
+            with open(tmp, "wb") as f:
+                f.write(module.to_proto().SerializeToString(deterministic=True))
+            os.replace(tmp_data, path.parent / data_name)
+            os.replace(tmp, path)
+    finally:
+        for constant, values in swapped:
+            constant._values = values
+        for leftover in (Path(tmp), tmp_data):
+            leftover.unlink(missing_ok=True)
+    return path
+
+
+#: External tensors start at page boundaries, so runtimes can map them instead of copying.
+_DATA_ALIGNMENT = 4096
+_STREAMED_DTYPES = frozenset(
+    onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t))
+    for t in ("float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+)
+
+
+def _streamable_constants(module: Module) -> Iterator[gs.Constant]:
+    """Constants of 1 KB or more whose bytes `_raw_bytes` can write as stored."""
+    seen: set[int] = set()
+    for graph in module.graphs():
+        for tensor in graph.tensors().values():
+            if not isinstance(tensor, gs.Constant) or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            values = tensor._values
+            if isinstance(values, LazyValues):
+                stored = values.tensor
+                plain = stored.data_location == onnx.TensorProto.DEFAULT
+                plain = plain and stored.HasField("raw_data")  # (reading raw_data copies it)
+                if plain and values.nbytes >= 1024:
+                    yield tensor
+            elif isinstance(values, np.ndarray) and values.nbytes >= 1024:
+                if _onnx_dtype(tensor) in _STREAMED_DTYPES:
+                    yield tensor
+
+
+def _raw_bytes(constant: gs.Constant) -> bytes | memoryview:
+    """The tensor's little-endian bytes as ONNX stores them in raw_data."""
+    values = constant._values
+    if isinstance(values, LazyValues):
+        return values.tensor.raw_data
+    array = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    return memoryview(array).cast("B")
+
+
+def _weight_bytes(module: Module) -> int:
+    """Bytes of every constant in the module (without loading lazy values)."""
+    seen: set[int] = set()
+    total = 0
+    for graph in module.graphs():
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                values = tensor._values
+                lazy = isinstance(values, LazyValues)
+                total += values.nbytes if lazy else np.asarray(values).nbytes
+    return total
+
+
+def _write(model: onnx.ModelProto, path: Path, tmp: Path, tmp_data: Path, external: bool) -> None:
+    """save_model's body: writes `tmp` (and `tmp_data`), then renames them into place."""
+    if external:
+        data_name = f"{path.name}.data"
+        big = onnx.ModelProto()
+        big.CopyFrom(model)
+        onnx.external_data_helper.convert_model_to_external_data(
+            big, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+        )
+        onnx.save_model(big, tmp)
+        # Point the model at the final data file name, then move both into place.
+        fixed = onnx.load_model(tmp, load_external_data=False)
+        for tensor in _all_tensors(fixed):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        onnx.save_model(fixed, tmp)
+        if tmp_data.exists():
+            os.replace(tmp_data, path.parent / data_name)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString(deterministic=True))
+    os.replace(tmp, path)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -381,26 +501,72 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from onnx.external_data_helper._get_all_tensors(model)
 
 
+def _external_file(tensor: onnx.TensorProto, root: Path, path: Path) -> Path:
+    """The file holding `tensor`'s external data; refuses locations outside `root`."""
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    target = (root / info.location).resolve()
+    if root != target and root not in target.parents:
+        raise ModelError(
+            f"{path}: tensor '{tensor.name}' points to external data outside the model's "
+            f"folder ({info.location})",
+            hint="keep external data files next to the model",
+        )
+    if not target.is_file():
+        raise ModelError(
+            f"{path}: external data file '{info.location}' of tensor '{tensor.name}' is missing",
+            hint="copy the .data file next to the model",
+        )
+    return target
+
+
+def _read_external_constants(module: Module, path: Path) -> None:
+    """Replaces lazily held external initializers of plain numeric types by numpy arrays."""
+    root = path.parent.resolve()
+    seen: set[int] = set()
+    for graph in module.graphs():
+        for constant in graph.tensors().values():
+            if not isinstance(constant, gs.Constant) or id(constant) in seen:
+                continue
+            seen.add(id(constant))
+            values = constant._values
+            if not isinstance(values, LazyValues):
+                continue
+            tensor = values.tensor
+            if not onnx.external_data_helper.uses_external_data(tensor):
+                continue
+            if tensor.data_type not in _STREAMED_DTYPES:
+                continue
+            file = _external_file(tensor, root, path)
+            constant._values = _read_external_array(tensor, file, path)
+            constant.data_location = None  # graphsurgeon would export it as EXTERNAL again
+            tensor.data_location = onnx.TensorProto.DEFAULT  # the proto copy is no longer read
+            del tensor.external_data[:]
+
+
+def _read_external_array(tensor: onnx.TensorProto, file: Path, path: Path) -> np.ndarray:
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    offset = int(info.offset or 0)
+    length = info.length if info.length else count * dtype.itemsize
+    if length != count * dtype.itemsize or offset + length > file.stat().st_size:
+        raise ModelError(
+            f"{path}: weight '{tensor.name}' declares dims {list(tensor.dims)} ({count} elements) "
+            f"but its external data ({file.name}, offset {offset}, {length} bytes) does not hold "
+            "them",
+            hint="re-export the model with its matching .data file",
+        )
+    array = np.fromfile(file, dtype=dtype, count=count, offset=offset)
+    return array.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(tensor.dims))
+
+
 def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
     """Loads external tensors, refusing locations that escape the model's folder."""
     root = base_dir.resolve()
     for tensor in _all_tensors(model):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
-        info = onnx.external_data_helper.ExternalDataInfo(tensor)
-        target = (root / info.location).resolve()
-        if root != target and root not in target.parents:
-            raise ModelError(
-                f"{path}: tensor '{tensor.name}' points to external data outside the model's "
-                f"folder ({info.location})",
-                hint="keep external data files next to the model",
-            )
-        if not target.is_file():
-            raise ModelError(
-                f"{path}: external data file '{info.location}' of tensor '{tensor.name}' "
-                "is missing",
-                hint="copy the .data file next to the model",
-            )
+        _external_file(tensor, root, path)
         try:
             onnx.external_data_helper.load_external_data_for_tensor(tensor, str(root))
         except (OSError, ValueError) as e:

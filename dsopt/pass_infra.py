@@ -365,6 +365,7 @@ class PassManager:
         if self.verify == "end":
             error = verify_module(module, strict=self._strict)
             if error is not None:
+                self._blame_input_shapes(module, error)
                 raise VerificationError(
                     f"broken model after the pipeline ({', '.join(done)}): {error}",
                     hint="rerun with --verify each to find the pass",
@@ -434,6 +435,7 @@ class PassManager:
             if self.verify == "each":
                 error = verify_module(module, strict=self._strict)
                 if error is not None:
+                    self._blame_input_shapes(module, error)
                     reproducer = self._write_reproducer([*done, pass_.describe()])
                     raise VerificationError(
                         f"broken model after pass '{pass_.name}' (#{position}): {error}",
@@ -477,6 +479,27 @@ class PassManager:
                 "the input fails strict shape inference (%s); verifying with the checker only",
                 strict_error,
             )
+
+    def _blame_input_shapes(self, module: Module, error: str) -> None:
+        """Raises ModelError when a shape clash after a pass is the input's own contradiction.
+
+        A model may declare output or value_info shapes its computation contradicts (found by
+        onnx's data propagation, e.g. through Shape -> Reshape); once a pass makes the shape
+        visible, the checker rejects what the input already claimed.
+        """
+        if "existing shape differ" not in error or self._input is None:
+            return
+        try:
+            onnx.shape_inference.infer_shapes(self._input, strict_mode=True, data_prop=True)
+        except Exception as e:  # noqa: BLE001 - InferenceError and friends
+            if "existing shape differ" in str(e):
+                where = f"{module.source}: " if module.source else ""
+                raise ModelError(
+                    f"{where}the model's declared shapes contradict what it computes: "
+                    f"{_first_line(e)}",
+                    hint="fix the output/value_info shapes (or the exporter); "
+                    "--verify off optimizes it unchecked",
+                ) from e
 
     def _write_reproducer(self, passes: Sequence[str]) -> Path:
         base = self.crash_dir or Path(os.environ.get("DSOPT_CRASH_DIR", tempfile.gettempdir()))

@@ -174,6 +174,7 @@ _CONFIG_KEYS = {
     "atol",
     "shapes",
     "rounds",
+    "precision",
 }
 
 

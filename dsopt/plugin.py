@@ -34,10 +34,25 @@ class PassRegistry:
     def __init__(self) -> None:
         self._passes: dict[str, type[Pass]] = {}
         self.providers: dict[str, str] = {}
+        #: pass name -> ("after" | "before", anchor): where default pipelines run it.
+        self.placements: dict[str, tuple[str, str]] = {}
         self.current_plugin = "?"
 
-    def add(self, pass_class: type[Pass]) -> None:
-        """Registers `pass_class`; its metadata is checked and its name must be new."""
+    def add(
+        self, pass_class: type[Pass], *, after: str | None = None, before: str | None = None
+    ) -> None:
+        """Registers `pass_class`; its metadata is checked and its name must be new.
+
+        `after` / `before` (at most one) name a pass or a stage (`dsopt.pipeline.STAGES`, the
+        pipeline's named slots): default and target pipelines then run the pass right after
+        that pass (or the last pass of that stage), or right before it (or the first pass of
+        that stage). Without either the plugin places it itself (`dsopt_extend_pipeline`).
+        """
+        if after is not None and before is not None:
+            raise PluginError(
+                f"plugin '{self.current_plugin}': pass '{getattr(pass_class, 'name', '?')}' "
+                "declares both after= and before=; give one anchor"
+            )
         if not (isinstance(pass_class, type) and issubclass(pass_class, Pass)):
             raise PluginError(
                 f"plugin '{self.current_plugin}' registered {pass_class!r}, which is not a "
@@ -63,6 +78,9 @@ class PassRegistry:
             )
         self._passes[name] = pass_class
         self.providers[name] = self.current_plugin
+        if after is not None or before is not None:
+            anchor = after if after is not None else before
+            self.placements[name] = ("after" if after is not None else "before", str(anchor))
 
     def get(self, name: str) -> type[Pass]:
         """The pass class named `name`; UsageError lists the known names."""
@@ -173,6 +191,9 @@ class PluginHost:
         self.passes = PassRegistry()
         self.targets = TargetRegistry()
         self._register_all()
+        if self.passes.placements:
+            self.pm.register(_Placements(self), "dsopt.placements")
+        self.pm.register(_ContractCheck(self), "dsopt.contract")
 
     @property
     def hook(self) -> Any:
@@ -262,3 +283,104 @@ def _trace_before(hook_name: str, impls: Any, kwargs: Any) -> None:
 
 def _trace_after(outcome: Any, hook_name: str, impls: Any, kwargs: Any) -> None:
     logger.warning("hook %s done", hook_name)
+
+
+class _Placements:
+    """Places passes registered with `after=`/`before=` into default pipelines.
+
+    Runs after every plugin's own `dsopt_extend_pipeline` edits (trylast).
+    """
+
+    def __init__(self, host: PluginHost) -> None:
+        self.host = host
+
+    @hookspecs.hookimpl(trylast=True)
+    def dsopt_extend_pipeline(self, pipeline: Any) -> None:
+        from dsopt.pipeline import STAGES, parse_pipeline
+
+        registry = self.host.passes
+        for name, (where, anchor) in sorted(registry.placements.items()):
+            if name in pipeline.names():
+                continue  # the target's pipeline or the plugin already placed it
+            names = pipeline.names()
+            if anchor in names:
+                index = names.index(anchor) + (1 if where == "after" else 0)
+            elif anchor in STAGES:
+                rank = STAGES.index(anchor)
+                stages = [
+                    STAGES.index(registry.get(n).stage) if n in registry else len(STAGES)
+                    for n in names
+                ]
+                if where == "after":
+                    later = [i for i, s in enumerate(stages) if s > rank]
+                    same = [i + 1 for i, s in enumerate(stages) if s == rank]
+                    index = same[-1] if same else (later[0] if later else len(names))
+                else:
+                    index = next((i for i, s in enumerate(stages) if s >= rank), len(names))
+            elif anchor in registry:
+                logger.debug("pass '%s' not placed: '%s' is not in the pipeline", name, anchor)
+                continue
+            else:
+                raise PluginError(
+                    f"plugin '{registry.providers[name]}': pass '{name}' is declared {where}= "
+                    f"'{anchor}', which is neither a pass nor a stage ({', '.join(STAGES)})",
+                    hint="name a registered pass (`dsopt passes`) or a stage",
+                )
+            pipeline.entries[index:index] = parse_pipeline(name).entries
+
+
+class _ContractCheck:
+    """Under `--verify each`, holds third-party passes to their declared exactness.
+
+    Runs a pass's input and output models in onnxruntime and refuses one that declared `exact`
+    (bitwise) or `reassoc` (fp32 rtol 1e-5) but changed the outputs beyond that, naming the
+    plugin. Built-in passes are held to it by their tests.
+    """
+
+    def __init__(self, host: PluginHost) -> None:
+        self.host = host
+        self.before: Any = None
+
+    def _applies(self, pass_: Any, ctx: Any) -> bool:
+        provider = self.host.passes.providers.get(pass_.name, "?")
+        return (
+            ctx.options.get("verify") == "each"
+            and pass_.exactness != "lossy"
+            and provider not in DEFAULT_PLUGINS
+        )
+
+    @hookspecs.hookimpl
+    def dsopt_before_pass(self, pass_: Any, module: Any, ctx: Any) -> None:
+        self.before = module.to_proto() if self._applies(pass_, ctx) else None
+
+    @hookspecs.hookimpl
+    def dsopt_after_pass(self, pass_: Any, module: Any, ctx: Any, record: Any) -> None:
+        before, self.before = self.before, None
+        if before is None or not record.changed:
+            return
+        from dsopt import numerics
+        from dsopt.errors import ModelError
+
+        try:
+            feeds = numerics.random_inputs(before, shapes=ctx.options.get("shapes"), seed=0)
+            reference = numerics.run_model(before, feeds, label="pass input")
+        except (ModelError, UsageError) as e:  # not runnable here: nothing to compare
+            logger.debug("contract check of '%s' skipped: %s", pass_.name, e.message)
+            return
+        candidate = numerics.run_model(module.to_proto(), feeds, label="pass output")
+        tight = pass_.exactness == "exact"
+        bad = [
+            c
+            for c in numerics.compare_outputs(
+                reference, candidate, rtol=0.0 if tight else 1e-5, atol=0.0 if tight else 1e-6
+            )
+            if not c.within_tolerance
+        ]
+        if bad:
+            provider = self.host.passes.providers.get(pass_.name, "?")
+            raise PluginError(
+                f"plugin '{provider}': pass '{pass_.name}' declares exactness "
+                f"'{pass_.exactness}' but changed the outputs under --verify each: "
+                f"{bad[0].describe()}",
+                hint="fix the pass, or declare exactness='lossy' with a tolerance",
+            )

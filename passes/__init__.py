@@ -28,11 +28,14 @@ from dsopt.passes.fuse_matmul_add import FuseMatmulAdd
 from dsopt.passes.inline_constants import InlineConstants
 from dsopt.passes.legalize_quantized import LegalizeQuantized
 from dsopt.passes.merge_layout_chains import MergeLayoutChains
+from dsopt.passes.prune_channels import PruneChannels
 from dsopt.passes.quantize_dynamic import QuantizeDynamic
 from dsopt.passes.quantize_static import QuantizeStatic
 from dsopt.passes.quantize_weights import QuantizeWeights
 from dsopt.passes.simplify_shapes import SimplifyShapes
 from dsopt.passes.smooth_activations import SmoothActivations
+from dsopt.passes.sparse_attention import SparseAttention
+from dsopt.passes.sparsify_2to4 import Sparsify2to4
 from dsopt.passes.upgrade_opset import UpgradeOpset
 from dsopt.plugin import PassRegistry
 
@@ -63,6 +66,9 @@ BUILTIN_PASSES = (
     QuantizeDynamic,
     LegalizeQuantized,
     ConvertFloat16,
+    PruneChannels,
+    Sparsify2to4,
+    SparseAttention,
 )
 
 

@@ -479,6 +479,8 @@ class HardSigmoid(Rule):
         if shaped is None:
             return match.fail("not clamp(a * x + b, 0, h) / h")
         alpha, beta, x, more = shaped
+        if len(nodes) + len(more) < 2:
+            return match.fail("a lone Clip(x, 0, 1) stays a Clip (nothing to fuse)")
         if match.opset >= 14 and self._inside_hard_swish(match):
             return match.fail("left to hard-swish")
         match.values["alpha"], match.values["beta"] = alpha, beta

@@ -21,6 +21,7 @@ def _cuda(
         allow_lossy=True,
         precisions=precisions,
         opset=17,
+        fused_ops=frozenset({"sparse-2:4"}),  # sparse tensor cores (Ampere+): sparsify-2to4
         lower=lower_tvm,
         run=run_library,
         **kw,  # type: ignore[arg-type]

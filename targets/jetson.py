@@ -26,6 +26,7 @@ JETSON_ORIN = Target(
     allow_lossy=True,
     precisions={"float16": 1.0, "float32": 2.0, "int8": 0.6, "int4-weight": 0.8},
     opset=17,
+    fused_ops=frozenset({"sparse-2:4"}),  # sparse tensor cores (Ampere): sparsify-2to4
     lower=lower_tvm,
     run=run_library,
 )

@@ -112,6 +112,10 @@ def _storage(bits: int, signed: bool) -> tuple[int, type]:
 
 
 # -- affine quantization -----------------------------------------------------------------------
+#: Elements per chunk of `quantize` on large tensors.
+_CHUNK_ELEMENTS = 1 << 22
+
+
 def quantize(
     values: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, grid: Grid
 ) -> np.ndarray:
@@ -120,9 +124,28 @@ def quantize(
     `x / scale` is a float32 division, as onnxruntime computes it; scale and zero point
     broadcast against `values`.
     """
-    ratio = np.asarray(values, np.float32) / np.asarray(scale, np.float32)
-    shifted = np.rint(ratio).astype(np.float64) + np.asarray(zero_point, np.float64)
-    return np.clip(shifted, grid.qmin, grid.qmax).astype(grid.numpy_dtype)
+    values, scale = np.asarray(values, np.float32), np.asarray(scale, np.float32)
+    zero = np.asarray(zero_point, np.float64)
+    shape = np.broadcast_shapes(values.shape, scale.shape, zero.shape)
+    out = np.empty(shape, grid.numpy_dtype)
+    if out.ndim == 0 or out.size <= _CHUNK_ELEMENTS:
+        ratio = values / scale
+        shifted = np.rint(ratio).astype(np.float64) + zero
+        out[...] = np.clip(shifted, grid.qmin, grid.qmax)
+        return out
+    # Large weights go in row chunks: the float64 temporaries stay a few MB, not 8x the
+    # weight (a 1 GB float32 matrix used to peak at 7 GB here).
+    views = [np.broadcast_to(a, shape) for a in (values, scale, zero)]
+    step = max(1, _CHUNK_ELEMENTS // max(1, out[0].size))
+    for start in range(0, shape[0], step):
+        v, s, z = (view[start : start + step] for view in views)
+        ratio = v / s
+        np.rint(ratio, out=ratio)
+        shifted = ratio.astype(np.float64)
+        shifted += z
+        np.clip(shifted, grid.qmin, grid.qmax, out=shifted)
+        out[start : start + step] = shifted
+    return out
 
 
 def dequantize(

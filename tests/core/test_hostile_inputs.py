@@ -130,3 +130,29 @@ def test_onnxruntime_load_failures_print_only_dsopts_line(tmp_path, capfd):
     err = capfd.readouterr().err
     assert code == 2
     assert all(line.startswith(("dsopt: error:", "  hint:")) for line in err.strip().splitlines())
+
+
+def test_declared_output_shape_that_the_graph_contradicts_is_exit_2(tmp_path, capsys):
+    """Fuzz finding (zero-dim): Reshape(x, Shape(x)) hid that the output claims [1, 1, 1]."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "first_two"], ["g"]),
+        helper.make_node("Concat", ["g", "one"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["r"]),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lying_output",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 0, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1])],
+        [
+            helper.make_tensor("first_two", TensorProto.INT64, [2], [0, 1]),
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    code, err, out = _run(tmp_path, model.SerializeToString(), capsys)
+    assert code == 2, err
+    assert "declared shapes contradict what it computes" in err.splitlines()[0]
+    assert "Traceback" not in err and not out.exists()

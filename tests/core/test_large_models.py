@@ -89,3 +89,20 @@ def test_over_2gb_round_trips(big, tmp_path, precision, capsys):
     else:
         cosine = float(want.ravel() @ got.ravel()) / (np.linalg.norm(want) * np.linalg.norm(got))
         assert cosine > 0.99
+
+
+def test_peak_memory_stays_under_twice_the_model(big, tmp_path):
+    """fp32 optimize of the 2.15 GB model in a fresh process: VmHWM <= 2x the model's bytes."""
+    import subprocess
+    import sys
+
+    size = sum(p.stat().st_size for p in big.parent.iterdir())
+    script = (
+        "from dsopt.cli import main\n"
+        f"assert main(['optimize', {str(big)!r}, '-o', {str(tmp_path / 'out.onnx')!r}]) == 0\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    peak = int(done.stdout.split()[-1]) * 1024
+    assert peak <= 2 * size, f"peak {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB model"
