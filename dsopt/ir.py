@@ -369,24 +369,29 @@ _STREAMED_DTYPES = frozenset(
 )
 
 
-def _streamable_constants(module: Module) -> Iterator[gs.Constant]:
-    """Constants of 1 KB or more whose bytes `_raw_bytes` can write as stored."""
+def _constants(module: Module) -> Iterator[gs.Constant]:
+    """Every constant tensor of the module once (subgraphs see outer ones too)."""
     seen: set[int] = set()
     for graph in module.graphs():
         for tensor in graph.tensors().values():
-            if not isinstance(tensor, gs.Constant) or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            values = tensor._values
-            if isinstance(values, LazyValues):
-                stored = values.tensor
-                plain = stored.data_location == onnx.TensorProto.DEFAULT
-                plain = plain and stored.HasField("raw_data")  # (reading raw_data copies it)
-                if plain and values.nbytes >= 1024:
-                    yield tensor
-            elif isinstance(values, np.ndarray) and values.nbytes >= 1024:
-                if _onnx_dtype(tensor) in _STREAMED_DTYPES:
-                    yield tensor
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+
+def _streamable_constants(module: Module) -> Iterator[gs.Constant]:
+    """Constants of 1 KB or more whose bytes `_raw_bytes` can write as stored."""
+    for tensor in _constants(module):
+        values = tensor._values
+        if isinstance(values, LazyValues):
+            stored = values.tensor
+            plain = stored.data_location == onnx.TensorProto.DEFAULT
+            plain = plain and stored.HasField("raw_data")  # (reading raw_data copies it)
+            if plain and values.nbytes >= 1024:
+                yield tensor
+        elif isinstance(values, np.ndarray) and values.nbytes >= 1024:
+            if _onnx_dtype(tensor) in _STREAMED_DTYPES:
+                yield tensor
 
 
 def _raw_bytes(constant: gs.Constant) -> bytes | memoryview:
@@ -400,15 +405,10 @@ def _raw_bytes(constant: gs.Constant) -> bytes | memoryview:
 
 def _weight_bytes(module: Module) -> int:
     """Bytes of every constant in the module (without loading lazy values)."""
-    seen: set[int] = set()
     total = 0
-    for graph in module.graphs():
-        for tensor in graph.tensors().values():
-            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
-                seen.add(id(tensor))
-                values = tensor._values
-                lazy = isinstance(values, LazyValues)
-                total += values.nbytes if lazy else np.asarray(values).nbytes
+    for tensor in _constants(module):
+        values = tensor._values
+        total += values.nbytes if isinstance(values, LazyValues) else np.asarray(values).nbytes
     return total
 
 
@@ -522,25 +522,19 @@ def _external_file(tensor: onnx.TensorProto, root: Path, path: Path) -> Path:
 def _read_external_constants(module: Module, path: Path) -> None:
     """Replaces lazily held external initializers of plain numeric types by numpy arrays."""
     root = path.parent.resolve()
-    seen: set[int] = set()
-    for graph in module.graphs():
-        for constant in graph.tensors().values():
-            if not isinstance(constant, gs.Constant) or id(constant) in seen:
-                continue
-            seen.add(id(constant))
-            values = constant._values
-            if not isinstance(values, LazyValues):
-                continue
-            tensor = values.tensor
-            if not onnx.external_data_helper.uses_external_data(tensor):
-                continue
-            if tensor.data_type not in _STREAMED_DTYPES:
-                continue
-            file = _external_file(tensor, root, path)
-            constant._values = _read_external_array(tensor, file, path)
-            constant.data_location = None  # graphsurgeon would export it as EXTERNAL again
-            tensor.data_location = onnx.TensorProto.DEFAULT  # the proto copy is no longer read
-            del tensor.external_data[:]
+    for constant in _constants(module):
+        values = constant._values
+        if not isinstance(values, LazyValues):
+            continue
+        tensor = values.tensor
+        external = onnx.external_data_helper.uses_external_data(tensor)
+        if not external or tensor.data_type not in _STREAMED_DTYPES:
+            continue
+        file = _external_file(tensor, root, path)
+        constant._values = _read_external_array(tensor, file, path)
+        constant.data_location = None  # graphsurgeon would export it as EXTERNAL again
+        tensor.data_location = onnx.TensorProto.DEFAULT  # the proto copy is no longer read
+        del tensor.external_data[:]
 
 
 def _read_external_array(tensor: onnx.TensorProto, file: Path, path: Path) -> np.ndarray:
