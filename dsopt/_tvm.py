@@ -1090,7 +1090,7 @@ def build(
     if target.kind.name == "llvm" and schedules in ("dsopt", "dlight"):
         pipeline = _cpu_pipeline(target, schedules, stats, opt.get("int8", "float"))
     elif target.kind.name == "cuda":
-        pipeline = _cuda_pipeline(target)
+        pipeline = _cuda_pipeline(target, stats)
     else:
         pipeline = relax.get_default_pipeline(target)
     try:
@@ -1167,8 +1167,13 @@ def _import_cuda_intrinsics() -> None:
         inspect.stack = stack  # type: ignore[assignment]
 
 
-def _cuda_pipeline(target: Any) -> Any:
-    """TVM's CUDA pipeline with dlight's GPU rules after fusion (Matmul gives Tensor Cores)."""
+def _cuda_pipeline(target: Any, stats: dict[str, int] | None = None) -> Any:
+    """TVM's CUDA pipeline with dlight's GPU rules after fusion (Matmul gives Tensor Cores).
+
+    Upsampling conv2d_transpose (kernel == stride) goes in as dsopt's channel contraction
+    first: TOPI's CUDA legalization of an fp16 conv2d_transpose computes in float32 and then
+    meets the float16 weight (PP-OCR det's head failed to build), and does s·s times the work.
+    """
     tvm = _load()
     from tvm.relax import transform as relax_transforms
     from tvm.relax.backend.cuda import pipeline as cuda
@@ -1176,12 +1181,14 @@ def _cuda_pipeline(target: Any) -> Any:
 
     _cuda_compile_mode()
     _import_cuda_intrinsics()
+    counts = stats if stats is not None else {}
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod: Any, ctx: Any) -> Any:
         with target:
             passes = [
                 *cuda.library_dispatch_passes(target),
+                _kernel_pass(counts, int8=False),
                 relax_transforms.LegalizeOps(),
                 relax_transforms.AnnotateTIROpPattern(),
                 relax_transforms.FoldConstant(),

@@ -58,7 +58,8 @@ class AttentionSite:
     Reshape that does not produce (B, S, hidden) (e.g. (B*S, hidden)): a rewriter reshapes
     its (B, S, hidden) result to it. `nan_guard` marks torch's Where(IsNaN(p), 0, p) after
     the softmax (fully masked rows give 0). `kind="fused"` sites are single Attention /
-    MultiHeadAttention nodes; their `nodes` is that node and q, k, v its inputs.
+    MultiHeadAttention nodes; their `nodes` is that node and q, k, v its inputs, with the
+    other fields read from its attributes and inputs unless `unsupported` says why not.
     """
 
     kind: Literal["decomposed", "fused"]
@@ -79,6 +80,7 @@ class AttentionSite:
     output_shape: gs.Tensor | None = None
     seq_lengths: tuple[Dim, Dim] = (None, None)
     dtype: np.dtype | None = None
+    unsupported: str | None = None
 
 
 def find_attention(module: Module, analyses: AnalysisManager | None = None) -> list[AttentionSite]:
@@ -100,7 +102,7 @@ def scan_attention(
             if ((node.domain or ""), node.op) in _FUSED or (
                 node.domain == "ai.onnx" and node.op == "Attention"
             ):
-                sites.append(_fused_site(graph, node))
+                sites.append(_fused_site(graph, node, shapes))
             elif node.op == "Softmax" and (node.domain or "") in _DEFAULT:
                 found = _Detector(graph, shapes, protected, module.opset).detect(node)
                 if isinstance(found, AttentionSite):
@@ -110,13 +112,15 @@ def scan_attention(
     return sites, rejected
 
 
-def _fused_site(graph: gs.Graph, node: gs.Node) -> AttentionSite:
+def _fused_site(graph: gs.Graph, node: gs.Node, shapes: dict[str, TensorType]) -> AttentionSite:
+    """A fused attention node as a site; `unsupported` says why rewriters cannot expand it."""
     inputs = [*node.inputs, None, None, None]
     q = inputs[0]
-    k = inputs[1] if node.op != "Attention" or node.domain != "com.microsoft" else q
-    v = inputs[2] if node.op != "Attention" or node.domain != "com.microsoft" else q
+    packed = node.op == "Attention" and node.domain == "com.microsoft"
+    k = q if packed else inputs[1]
+    v = q if packed else inputs[2]
     heads = node.attrs.get("num_heads", node.attrs.get("q_num_heads"))
-    return AttentionSite(
+    site = AttentionSite(
         kind="fused",
         graph=graph,
         nodes=(node,),
@@ -128,6 +132,80 @@ def _fused_site(graph: gs.Graph, node: gs.Node) -> AttentionSite:
         scale=node.attrs.get("scale"),
         causal=bool(node.attrs.get("is_causal", node.attrs.get("unidirectional", 0))),
     )
+    reason = "com.microsoft Attention packs the Q/K/V projection" if packed else None
+    if reason is None:
+        found = _FusedReader(shapes).read(node, site)
+        if isinstance(found, AttentionSite):
+            return found
+        reason = found
+    return dataclasses.replace(site, unsupported=reason)
+
+
+class _FusedReader:
+    """Reads MultiHeadAttention (com.microsoft) and Attention (opset 23) into site fields."""
+
+    def __init__(self, shapes: dict[str, TensorType]) -> None:
+        self.shapes = shapes
+
+    def shape(self, tensor: gs.Tensor | None) -> tuple[Dim, ...] | None:
+        if tensor is None:
+            return None
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.shape)
+        found = self.shapes.get(tensor.name)
+        return found.shape if found is not None else None
+
+    def read(self, node: gs.Node, site: AttentionSite) -> AttentionSite | str:
+        ins = [t if t is not None and t.name else None for t in node.inputs]
+        ins += [None] * (8 - len(ins))
+        if any(o.name and o.outputs for o in node.outputs[1:]):
+            return "present key/value outputs are read"
+        onnx_form = node.op == "Attention"
+        if onnx_form:
+            extras, mask_input = ins[4:], ins[3]
+            if node.attrs.get("softcap", 0.0) or node.attrs.get("qk_matmul_output_mode", 0):
+                return "softcap or qk_matmul_output_mode is set"
+            if node.attrs.get("kv_num_heads", site.num_heads) != site.num_heads:
+                return "grouped-query attention (kv_num_heads differs)"
+        else:  # MultiHeadAttention(q, k, v, bias, key_padding_mask, attention_bias, past...)
+            if ins[3] is not None or ins[4] is not None:
+                return "packed bias or key_padding_mask input"
+            extras, mask_input = ins[6:], ins[5]
+        if any(t is not None for t in extras) or ins[1] is None or ins[2] is None:
+            return "past key/value inputs or a missing key/value"
+        q_shape, k_shape = self.shape(ins[0]), self.shape(ins[1])
+        v_shape = self.shape(ins[2])
+        if q_shape is None or len(q_shape) not in (3, 4) or k_shape is None or v_shape is None:
+            return f"q/k/v shapes {q_shape}, {k_shape}, {v_shape} are unknown or not 3-D/4-D"
+        if not len(q_shape) == len(k_shape) == len(v_shape):
+            return "q, k and v differ in rank"
+        if len(q_shape) == 4:
+            heads, size, layout = q_shape[1], q_shape[3], "bnsh"
+        else:
+            heads, layout = site.num_heads, "bsd"
+            size = q_shape[2] // heads if isinstance(q_shape[2], int) and heads else None
+        if not isinstance(heads, int) or not isinstance(size, int):
+            return "unknown head count or size"
+        scale = site.scale if site.scale is not None else 1.0 / float(np.sqrt(size))
+        mask = None
+        if mask_input is not None:
+            m_shape = self.shape(mask_input)
+            found = self.shapes.get(mask_input.name)
+            dtype = found.dtype if found is not None else None
+            boolean = dtype is not None and np.dtype(dtype) == np.dtype(bool)
+            fill = -np.inf if onnx_form else float(node.attrs.get("mask_filter_value", -10000.0))
+            mask = Mask("boolean" if boolean else "additive", mask_input, m_shape, True, fill)
+        out = self.shapes.get(node.outputs[0].name)
+        return dataclasses.replace(
+            site,
+            layout=layout,
+            num_heads=heads,
+            head_size=size,
+            scale=scale,
+            mask=mask,
+            seq_lengths=(q_shape[-2], k_shape[-2]),
+            dtype=out.dtype if out is not None else None,
+        )
 
 
 class _Fail(Exception):

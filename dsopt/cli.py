@@ -106,7 +106,8 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib",
         metavar="PATH",
-        help="calibration data for --precision int8: a folder of .npz feeds, one .npz with a "
+        help="calibration data for --precision int8/mixed (fp16: measured ranges keep "
+        "overflowing nodes float32): a folder of .npz feeds, one .npz with a "
         "leading sample axis, or 'synthetic' (random; warns)",
     )
     p.add_argument(
@@ -137,6 +138,12 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="reuse/store outputs in this content-addressed cache")
+    p.add_argument("--cache", action="store_true", help="--cache-dir ~/.cache/dsopt/artifacts")
+    p.add_argument("--no-cache", action="store_true", help="ignore --cache/DSOPT_CACHE_DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `dsopt` and its subcommands."""
     parser = _Parser(prog="dsopt", description="Optimize and compile ONNX models, verified.")
@@ -154,9 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run original and result in onnxruntime and compare the outputs",
     )
-    p.add_argument("--cache-dir", help="reuse/store outputs in this content-addressed cache")
-    p.add_argument("--cache", action="store_true", help="--cache-dir ~/.cache/dsopt/artifacts")
-    p.add_argument("--no-cache", action="store_true", help="ignore --cache/DSOPT_CACHE_DIR")
+    _cache_options(p)
     _pipeline_options(p)
     _common(p)
 
@@ -185,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tune-trials", type=int, metavar="N", help="at most N trials per function (default 256)"
     )
+    _cache_options(p)
     _pipeline_options(p)
     _common(p)
 
@@ -282,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="override the target")
     p.add_argument("--verify", choices=("each", "end", "off"), help="override verification")
     p.add_argument("--precision", help="override the precision")
+    p.add_argument("--size-budget", metavar="SIZE", help="override size_budget")
+    p.add_argument("--max-error", type=float, metavar="E", help="override max_error")
+    p.add_argument("--min-cosine", type=float, metavar="C", help="override min_cosine")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _common(p)
     return parser
@@ -494,6 +503,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         shutil.copyfile(hit[0], args.output)
         report = {**hit[1], "cache": {"hit": True, "key": key, "dir": str(cache.root)}}
         if args.report:
+            _mixed_plot(report, args.report)
             Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
         _console().print(f"wrote {args.output} (cache hit {key[:12]}, no pass ran)")
         return ExitCode.OK
@@ -514,31 +524,51 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         _print_equivalence(result.equivalence, console)
     report.update(result.quant_error_entry())
     report.update(result.mixed_entry())
+    report.update(result.calibration_entry())
     if cache is not None:
         cache.put(key, Path(args.output), report)
         report["cache"] = {"hit": False, "key": key, "dir": str(cache.root)}
     if args.report:
+        _mixed_plot(report, args.report)
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     _print_report_summary(result.report, console)
     console.print(f"wrote {args.output}")
     return ExitCode.OK
 
 
+def _mixed_plot(report: dict[str, Any], path: str) -> None:
+    """`--precision mixed`: the Pareto plot beside the report, named in it (`dsopt.mixed.plot`)."""
+    if "mixed" in report:
+        from dsopt.mixed.plot import write_beside
+
+        write_beside(report, path)
+
+
 def _optimize_cache(args: argparse.Namespace) -> tuple[Any, str]:
     """The artifact cache of this optimize run and its key; (None, "") when off or bypassed."""
-    folder = args.cache_dir or os.environ.get("DSOPT_CACHE_DIR")
     from dsopt import cache
 
-    if args.cache and not folder:
-        folder = str(cache.default_cache_dir())
-    # A hit runs no pass, so hooks of -p plugins and the per-pass instruments would not run.
-    instruments = args.plugins or args.dump_dir or args.print_after or args.print_after_change
-    if not folder or args.no_cache or instruments:
+    folder = _cache_folder(args)
+    if folder is None:
         return None, ""
     skip = {"debug", "output", "report", "model", "cache_dir", "cache", "no_cache", "command"}
     settings = {k: v for k, v in vars(args).items() if k not in skip | {"inputs", "calib"}}
     settings.update(config=_config(args), inputs_file=args.inputs, calib_file=args.calib)
     return cache.ArtifactCache(folder), cache.cache_key(args.model, settings, _host(args))
+
+
+def _cache_folder(args: argparse.Namespace) -> str | None:
+    """--cache-dir, else DSOPT_CACHE_DIR, else (--cache) the user cache dir; None when off."""
+    folder = args.cache_dir or os.environ.get("DSOPT_CACHE_DIR")
+    if args.cache and not folder:
+        from dsopt import cache
+
+        folder = str(cache.default_cache_dir())
+    # A hit runs no pass, so hooks of -p plugins and the per-pass instruments would not run.
+    instruments = args.plugins or args.dump_dir or args.print_after or args.print_after_change
+    if not folder or args.no_cache or instruments:
+        return None
+    return folder
 
 
 def _tune_settings(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -566,6 +596,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         outdir=args.outdir,
         check=not args.no_check,
         tune=_tune_settings(args),
+        cache_dir=_cache_folder(args),
     )
     console = _console()
     equivalence = result.report.get("equivalence")
@@ -583,6 +614,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             f"{tuning['database']['path']})",
             soft_wrap=True,
         )
+    if (result.report.get("cache") or {}).get("hit"):
+        console.print(f"   cache: hit {result.report['cache']['key'][:12]}, nothing recompiled")
     console.print(f"manifest: {result.outdir / 'manifest.json'}")
     console.print(f"  report: {result.outdir / 'report.json'}")
     if equivalence is not None:
@@ -902,6 +935,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     )
     effective.update(pipeline=str(pipeline), rounds=pipeline.rounds)
     effective["shapes"] = config.get("shapes")
+    from dsopt.pipeline import BUDGET_KEYS, check_budget
+
+    for key in BUDGET_KEYS:
+        given = getattr(args, key, None)
+        if given is not None:
+            check_budget(key, given, f"--{key.replace('_', '-')}")
+        effective[key] = given if given is not None else config.get(key)
     effective["options"] = config.get("options") or {}
     if args.json:
         print(json.dumps(effective, indent=2))

@@ -60,6 +60,7 @@ class OptimizeResult:
     equivalence: Any = None
     quant_error: Any = None
     mixed: Any = None
+    calibration: dict[str, Any] | None = None
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -75,6 +76,10 @@ class OptimizeResult:
     def mixed_entry(self) -> dict[str, Any]:
         """`{"mixed": per-node precisions, totals, Pareto points}` for report.json; {} without."""
         return {"mixed": self.mixed.to_dict()} if self.mixed is not None else {}
+
+    def calibration_entry(self) -> dict[str, Any]:
+        """`{"calibration": where the data came from, samples}` for report.json; {} without."""
+        return {"calibration": self.calibration} if self.calibration is not None else {}
 
 
 @dataclasses.dataclass
@@ -95,6 +100,21 @@ def _as_module(
         return Module.from_proto(model), None
     path = Path(model)
     return Module.load(path), path
+
+
+def as_pipeline_text(passes: str | Pipeline | Sequence[str] | None) -> str | None:
+    """Pipeline text for a text, a `Pipeline` or a list of pass texts (None stays None)."""
+    if passes is None or isinstance(passes, str):
+        return passes
+    if isinstance(passes, Pipeline):
+        return str(passes)
+    return ",".join(passes)
+
+
+def _either(calibration: Any, calib: Any) -> Any:
+    if calibration is not None and calib is not None:
+        raise UsageError("give calibration data once: calibration= or calib=, not both")
+    return calibration if calibration is not None else calib
 
 
 def build_pipeline(
@@ -127,7 +147,7 @@ def build_pipeline(
 def optimize(
     model: onnx.ModelProto | Module | str | os.PathLike[str],
     *,
-    passes: str | None = None,
+    passes: str | Pipeline | Sequence[str] | None = None,
     target: str | None = None,
     config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     verify: Verify | None = None,
@@ -145,6 +165,7 @@ def optimize(
     size_budget: str | float | None = None,
     max_error: float | None = None,
     min_cosine: float | None = None,
+    calib: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
 ) -> OptimizeResult:
     """Runs a pipeline on `model` and returns the optimized module.
 
@@ -153,7 +174,8 @@ def optimize(
 
     Args:
         model: A path, ModelProto or Module; a path or proto is never modified.
-        passes: Pipeline text (`a,b{k=v}`); default: the target's pipeline.
+        passes: Pipeline text (`a,b{k=v}`), a `Pipeline` built in code (its `rounds` apply
+            unless `rounds` is given) or a list of pass texts; default: the target's pipeline.
         target: Target name whose default pipeline and capabilities apply.
         config: A config file path or an already-loaded config mapping.
         verify: `each`, `end` (default) or `off`.
@@ -174,21 +196,24 @@ def optimize(
         max_error: `--precision mixed`: most relative L2 error of the outputs on the
             calibration samples.
         min_cosine: `--precision mixed`: least cosine of the outputs to the float32 ones.
+        calib: The same as `calibration`, spelled like the flag.
     """
     settings = dict(config) if isinstance(config, Mapping) else load_config(config)
     host = host or PluginHost()
-    passes = passes or settings.get("passes")
+    calibration = _either(calibration, calib)
+    if isinstance(passes, Pipeline) and rounds is None:
+        rounds = passes.rounds
+    passes = as_pipeline_text(passes) or settings.get("passes")
     target = target or settings.get("target")
     verify = verify or settings.get("verify", "end")
     precision = precision or settings.get("precision")
     module, _ = _as_module(model)
+    if precision == "mixed":  # config budgets are the defaults of mixed runs; each flag wins
+        size_budget = settings.get("size_budget") if size_budget is None else size_budget
+        max_error = settings.get("max_error") if max_error is None else max_error
+        min_cosine = settings.get("min_cosine") if min_cosine is None else min_cosine
     budget = _mixed_budget(precision, size_budget, max_error, min_cosine)
     calib = _calibration(calibration, module, shapes)
-    if precision == "mixed" and calib is None:
-        raise UsageError(
-            "--precision mixed needs calibration data to measure each weight's sensitivity",
-            hint="pass --calib DIR|FILE.npz (--calib synthetic for random data)",
-        )
     original = module.to_proto() if check else None
     if isinstance(model, Module) and check:
         original = model.to_proto()
@@ -199,6 +224,30 @@ def optimize(
         options=settings.get("options"),
         rounds=rounds if rounds is not None else settings.get("rounds"),
     )
+    global_options: dict[str, Any] = {}
+    host.hook.dsopt_add_options(options=global_options)
+    global_options.update(options or {})
+    global_options.setdefault("verify", verify)  # plugin.py's contract check runs under "each"
+    if shapes:
+        global_options["shapes"] = {k: list(v) for k, v in shapes.items()}
+    calib_plugin = None
+    if calib is None and (
+        precision in ("int8", "mixed") or "quantize-static" in pipeline.names()
+    ):  # the user gave no data: a plugin may (dsopt_calibration_data)
+        provided = host.calibration_data(
+            module.skeleton_proto(main_only=True),
+            shapes=shapes,
+            precision=precision,
+            options=global_options,
+        )
+        if provided is not None:
+            calib, calib_plugin = provided
+    if precision == "mixed" and calib is None:
+        raise UsageError(
+            "--precision mixed needs calibration data to measure each weight's sensitivity",
+            hint="pass --calib DIR|FILE.npz (--calib synthetic for random data), or install a "
+            "plugin that provides it",
+        )
     stage_text = precision_passes(
         precision,
         calibrated=calib is not None,
@@ -209,12 +258,6 @@ def optimize(
         instances = [p for p in instances if p.name not in FLOAT_ONLY_PASSES]
     if precision == "mixed":  # a target pipeline's fp16 would leave no float32 weight to assign
         instances = [p for p in instances if p.name != "convert-float16"]
-    global_options: dict[str, Any] = {}
-    host.hook.dsopt_add_options(options=global_options)
-    global_options.update(options or {})
-    global_options.setdefault("verify", verify)  # plugin.py's contract check runs under "each"
-    if shapes:
-        global_options["shapes"] = {k: list(v) for k, v in shapes.items()}
     target_obj = host.get_target(target) if target else None
     if target_obj is not None and target_obj.tvm is not None:
         global_options["int8_kernels"] = int8_kernels(
@@ -227,6 +270,7 @@ def optimize(
         fused_ops=target_obj.fused_ops if target_obj else frozenset(),
         max_opset=target_obj.opset if target_obj else None,
         calibration=calib,
+        providers=dict(host.passes.providers),
     )
     manager = PassManager(instances, verify=verify, rounds=pipeline.rounds)  # type: ignore[arg-type]
     report = manager.run(module, ctx)
@@ -280,6 +324,12 @@ def optimize(
         instances = [*instances, *stage_passes]
         pipeline_text += " | " + str(stage)
     result = OptimizeResult(module=module, report=report, pipeline=pipeline_text, mixed=mixed)
+    if calib is not None:
+        result.calibration = (
+            {"from": "plugin", "plugin": calib_plugin, "samples": len(calib)}
+            if calib_plugin is not None
+            else {"from": "user", "source": calib.source, "samples": len(calib)}
+        )
     # A lossy pass that changed the model (e.g. convert-float16) declares its error bound:
     # the check allows it.
     changed = {record.name for record in report.passes if record.changed}
@@ -440,7 +490,7 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     *,
     target: str,
     outdir: str | os.PathLike[str] | None = None,
-    passes: str | None = None,
+    passes: str | Pipeline | Sequence[str] | None = None,
     config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     verify: Verify | None = None,
     check: bool = True,
@@ -457,6 +507,8 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     size_budget: str | float | None = None,
     max_error: float | None = None,
     min_cosine: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    calib: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
 ) -> CompileResult:
     """Optimizes `model` for `target` and writes OUTDIR (model, manifest.json, report.json).
 
@@ -464,12 +516,15 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
     leaves a partial output. An existing OUTDIR is replaced only if it holds a dsopt manifest.
     `tune` (TVM targets) runs MetaSchedule first: `{"minutes": N}` plus optional `db`, `rpc`
     (`HOST:PORT:KEY`) and `trials` (see `dsopt.backend.tune_settings`); the manifest's
-    `tvm.tuning` records it.
+    `tvm.tuning` records it. With `cache_dir` (`dsopt.cache`), an unchanged model, config and
+    target restore the cached OUTDIR without optimizing or lowering; report.json's `cache`
+    says whether it was a hit.
     """
     from dsopt.backend import tune_settings
 
     source = Path(model)
     host = host or PluginHost()
+    calibration = _either(calibration, calib)
     target_obj = host.get_target(target)
     tuning = tune_settings(tune, target_obj)
     out = (
@@ -484,6 +539,39 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
         )
     if out.resolve() == source.resolve() or source.resolve().parent == out.resolve():
         raise UsageError(f"output directory {out} would overwrite the input's folder")
+    store, key = _compile_cache(
+        cache_dir,
+        source,
+        host,
+        target_obj,
+        options,
+        {
+            "model_name": source.name,
+            "passes": as_pipeline_text(passes),
+            "rounds": passes.rounds if isinstance(passes, Pipeline) else None,
+            "config": config,
+            "verify": verify,
+            "check": check,
+            "shapes": shapes,
+            "inputs": inputs,
+            "rtol": rtol,
+            "atol": atol,
+            "tune": tuning,
+            "precision": precision,
+            "calibration": calibration,
+            "block_size": block_size,
+            "size_budget": size_budget,
+            "max_error": max_error,
+            "min_cosine": min_cosine,
+        },
+    )
+    tree = store.get_tree(key) if store is not None else None
+    if store is not None and tree is not None:
+        report = json.loads((tree / "report.json").read_text())
+        report.update(input=str(source), cache={"hit": True, "key": key, "dir": str(store.root)})
+        store.restore_tree(tree, out, report)
+        manifest = json.loads((out / "manifest.json").read_text())
+        return CompileResult(outdir=out, manifest=manifest, report=report)
     started = time.perf_counter()
     result = optimize(
         source,
@@ -548,10 +636,17 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
                 "equivalence": result.equivalence.to_dict() if result.equivalence else None,
                 **result.quant_error_entry(),
                 **result.mixed_entry(),
+                **result.calibration_entry(),
                 "lowering_seconds": round(lowering_seconds, 6),
                 "library_check": library_check,
             }
+            if store is not None:
+                report["cache"] = {"hit": False, "key": key, "dir": str(store.root)}
             _write_json(staging / "manifest.json", manifest)
+            if result.mixed is not None:  # the Pareto plot, OUTDIR/pareto.png
+                from dsopt.mixed.plot import write_beside
+
+                write_beside(report, staging / "report.json")
             _write_json(staging / "report.json", report)
             if out.exists():
                 shutil.rmtree(out)
@@ -559,7 +654,31 @@ def compile(  # noqa: A001 - the public name users expect (`dsopt.compile`)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+    if store is not None:
+        try:
+            store.put_tree(key, out)
+        except OSError as e:  # a full or read-only cache never fails the build
+            logger.warning("compile output not cached in %s: %s", store.root, e)
     return CompileResult(outdir=out, manifest=manifest, report=report)
+
+
+def _compile_cache(
+    cache_dir: str | os.PathLike[str] | None,
+    source: Path,
+    host: PluginHost,
+    target: Any,
+    options: Mapping[str, Any] | None,
+    settings: Mapping[str, Any],
+) -> tuple[Any, str]:
+    """The artifact cache of a compile run and its key; (None, "") when off or bypassed."""
+    if cache_dir is None:
+        return None, ""
+    from dsopt import cache
+
+    resolved = cache.compile_settings(settings, options)
+    if resolved is None:
+        return None, ""
+    return cache.ArtifactCache(cache_dir), cache.compile_key(source, resolved, host, target)
 
 
 def _check_library(

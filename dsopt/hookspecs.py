@@ -7,6 +7,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    import numpy as np
+    import onnx
+
     from dsopt.ir import Module
     from dsopt.pass_infra import Pass, PassContext, PassRecord
     from dsopt.pipeline import Pipeline
@@ -97,4 +102,33 @@ def dsopt_add_options(options: dict[str, Any]) -> None:
     :param options: The option table to add defaults to.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def dsopt_calibration_data(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, Sequence[int]] | None,
+    precision: str | None,
+    options: Mapping[str, Any],
+) -> Iterable[Mapping[str, np.ndarray]] | None:
+    """Provide calibration feeds when the run needs them and the user gave none.
+
+    Called once per `optimize`/`compile` run whose precision stage calibrates
+    (`--precision int8` or `mixed`, or a pipeline with `quantize-static`) when neither
+    `--calib` nor `calibration=` was given; the user's data always wins. The first plugin to
+    return something other than None provides the data (firstresult); report.json names it
+    under `calibration.plugin`.
+
+    :param model: The model's structure (inputs, outputs, nodes); float weights over 4 KB may
+        carry only dims and dtype, so read input names, dtypes and shapes from it, not weights.
+    :param shapes: The user's input shape overrides (`--shape`), or None.
+    :param precision: The precision asked for (`int8`, `mixed`, ...), or None.
+    :param options: The run's global options (plugin defaults from `dsopt_add_options`).
+    :return: A `dsopt.quant.calibration.CalibrationData`, or an iterable of feeds (each a
+        mapping input name -> numpy array, one sample), or None to pass. Other values, an
+        empty iterable or a feed that does not fit the model's inputs raise PluginError naming
+        the plugin.
+
+    .. versionadded:: 0.1 (plugin contract 1.1)
     """

@@ -162,6 +162,7 @@ class PassContext:
         hook: The plugin hook relay (`pm.hook`), for instruments; None runs without plugins.
         fused_ops: Non-standard ops (`domain::Op`) the target executes; empty without a target.
         max_opset: The newest default-domain opset the target executes (None: keep the model's).
+        providers: Pass name -> the plugin that registered it, so errors can name the plugin.
     """
 
     target: str | None = None
@@ -172,6 +173,7 @@ class PassContext:
     analyses: AnalysisManager | None = None
     fused_ops: frozenset[str] = frozenset()
     max_opset: int | None = None
+    providers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def supports(self, *ops: str) -> bool:
         """Whether the target executes every non-standard op in `ops` (`domain::Op`)."""
@@ -420,8 +422,10 @@ class PassManager:
         except Exception as e:
             reproducer = self._write_reproducer([*done, pass_.describe()])
             before = ", ".join(done[-5:]) or "none"
+            plugin = ctx.providers.get(pass_.name)
             raise PassError(
-                f"pass '{pass_.name}' (#{position}) failed: {type(e).__name__}: {_first_line(e)}"
+                (f"plugin '{plugin}': " if plugin else "")
+                + f"pass '{pass_.name}' (#{position}) failed: {type(e).__name__}: {_first_line(e)}"
                 f" [passes before it: {before}]",
                 hint=f"reproduce with: dsopt optimize {reproducer}/input.onnx --passes "
                 f'"$(cat {reproducer}/pipeline.txt)" -o /tmp/out.onnx --debug',

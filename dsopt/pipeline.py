@@ -175,7 +175,43 @@ _CONFIG_KEYS = {
     "shapes",
     "rounds",
     "precision",
+    "size_budget",
+    "max_error",
+    "min_cosine",
 }
+
+#: `--precision mixed` budgets a config may set: what each accepts, for errors.
+BUDGET_KEYS = {
+    "size_budget": 'a fraction of the float32 weight bytes in (0, 1] or a size like "12MB"',
+    "max_error": "a positive relative L2 error, e.g. 0.01",
+    "min_cosine": "a cosine in (-1, 1), e.g. 0.995",
+}
+
+
+def check_budget(key: str, value: Any, where: str) -> None:
+    """Raises a one-line UsageError naming `key` when `value` is no valid budget for it."""
+    import math
+
+    ok = False
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key == "size_budget" and (number or isinstance(value, str)):
+        from dsopt.mixed import parse_size_budget
+
+        try:
+            parse_size_budget(value, 1 << 30)
+            ok = True
+        except UsageError:
+            ok = False
+    elif key == "max_error":
+        ok = number and 0 < value < math.inf
+    elif key == "min_cosine":
+        ok = number and -1 < value < 1
+    if not ok:
+        raise UsageError(
+            f"{where}: {key} = {value!r} is not {BUDGET_KEYS[key]}",
+            hint=f"fix {key} (a --precision mixed budget; the flag --{key.replace('_', '-')} "
+            "overrides it)",
+        )
 
 
 def find_config(start: Path | None = None) -> Path | None:
@@ -218,6 +254,9 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
         raise UsageError(
             f"{path}: [options] must hold one table per pass, e.g. [options.fold-constants]"
         )
+    for key in BUDGET_KEYS:
+        if key in data:
+            check_budget(key, data[key], str(path))
     data["source"] = str(path)
     return data
 
@@ -236,4 +275,4 @@ def stage_sorted(names: Iterable[str], stage_of: Mapping[str, str]) -> list[str]
     return sorted(names, key=lambda name: order.get(stage_of.get(name, ""), len(order)))
 
 
-__all__ += ["stage_sorted"]
+__all__ += ["BUDGET_KEYS", "check_budget", "stage_sorted"]

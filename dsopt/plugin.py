@@ -7,7 +7,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -259,6 +259,53 @@ class PluginHost:
                         f"plugin '{name}' failed in {hook_name}: {type(e).__name__}: {e}"
                     ) from e
 
+    def calibration_data(
+        self,
+        model: Any,
+        *,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        precision: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, str] | None:
+        """Calibration feeds from the first plugin that provides them, and that plugin's name.
+
+        Calls `dsopt_calibration_data` implementations in pluggy's order (last registered
+        first, `tryfirst`/`trylast` respected) until one returns something other than None;
+        this host calls them itself so that it knows which plugin answered.
+
+        Returns:
+            `(CalibrationData, plugin name)`, or None when no plugin provides data.
+
+        Raises:
+            PluginError: The plugin raised, returned neither None, a CalibrationData nor a
+                non-empty iterable of feed mappings, or a feed does not fit the model's inputs.
+        """
+        from dsopt.quant.calibration import CalibrationData
+
+        arguments = {
+            "model": model,
+            "shapes": dict(shapes) if shapes else None,
+            "precision": precision,
+            "options": dict(options or {}),
+        }
+        caller = self.pm.hook.dsopt_calibration_data
+        for impl in reversed(caller.get_hookimpls()):
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                continue
+            name = impl.plugin_name
+            try:
+                value = impl.function(*(arguments[a] for a in impl.argnames))
+            except PluginError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a broken plugin is named
+                raise PluginError(
+                    f"plugin '{name}' failed in dsopt_calibration_data: {type(e).__name__}: {e}"
+                ) from e
+            if value is None:
+                continue
+            return _as_calibration(value, name, model, CalibrationData), name
+        return None
+
     def get_pass(self, name: str) -> type[Pass]:
         """The pass class `name`, mentioning failed plugins when it is unknown."""
         return self._lookup(self.passes.get, name)
@@ -275,6 +322,43 @@ class PluginHost:
                 failed = "; ".join(self.failed.values())
                 raise PluginError(f"{e.message}; a plugin failed to load: {failed}") from None
             raise
+
+
+def _as_calibration(value: Any, plugin: str, model: Any, data_class: Any) -> Any:
+    """A plugin's `dsopt_calibration_data` answer as CalibrationData, checked against `model`."""
+    import numpy as np
+
+    from dsopt.numerics import _input_specs, _validate_sample
+
+    if isinstance(value, data_class):
+        return value
+    what = f"plugin '{plugin}': dsopt_calibration_data"
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        kind = "one feed mapping" if isinstance(value, Mapping) else type(value).__name__
+        raise PluginError(
+            f"{what} returned {kind}; it must return an iterable of feeds "
+            "(mappings input name -> numpy array), a CalibrationData or None",
+            hint="return e.g. [{'x': array}, ...]; a single feed goes in a list",
+        )
+    specs = _input_specs(model)
+    feeds = []
+    for index, feed in enumerate(value):
+        if not isinstance(feed, Mapping) or not all(isinstance(k, str) for k in feed):
+            raise PluginError(
+                f"{what} sample {index} is {type(feed).__name__}, not a mapping of input "
+                "name -> numpy array"
+            )
+        sample = {name: np.asarray(array) for name, array in feed.items()}
+        try:
+            _validate_sample(sample, specs, f"{what} sample {index}")
+        except UsageError as e:
+            raise PluginError(e.message, hint="the feeds must match the model's inputs") from None
+        feeds.append(sample)
+    if not feeds:
+        raise PluginError(f"{what} returned no samples; return None to provide no data")
+    data = data_class.from_feeds(feeds)
+    data.source = f"plugin {plugin}"
+    return data
 
 
 def _trace_before(hook_name: str, impls: Any, kwargs: Any) -> None:

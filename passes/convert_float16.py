@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+import hashlib
+import logging
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -13,9 +16,12 @@ import onnx_graphsurgeon as gs
 
 from dsopt import Module, Pass, PassContext, PassResult
 from dsopt.analysis import AnalysisManager, Shapes
+from dsopt.errors import ModelError, UsageError
 from dsopt.pattern import node_subgraphs, topological_order
 
 __all__ = ["DEFAULT_BLOCK_OPS", "NEUTRAL_OPS", "ConvertFloat16"]
+
+logger = logging.getLogger(__name__)
 
 #: Ops kept in float32 by default, with the reason. fp16 tops out at 65504 and carries 11
 #: significant bits: exponentials, powers and products overflow, long sums lose precision and
@@ -56,6 +62,24 @@ _INTEGER_SOURCES = frozenset({"Range"})
 
 _F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
 _FP16_MAX = float(np.finfo(np.float16).max)
+#: The smallest float16 subnormal: a tensor whose every nonzero magnitude lies below it
+#: becomes all zeros (or all 2**-24) in float16.
+_FP16_TINY = 2.0**-24
+
+#: Default-blocked ops `calibrated_unblock` may run in fp16, with the power of |x| they sum
+#: (0: elementwise, judged by the measured input and output ranges alone).
+_UNBLOCKABLE: Mapping[str, int] = {
+    "Exp": 0, "Pow": 0, "Softplus": 0, "Mish": 0,
+    "ReduceSum": 1, "ReduceMean": 1, "ReduceL1": 1, "ReduceLogSum": 1, "GlobalAveragePool": 1,
+    "ReduceSumSquare": 2, "ReduceL2": 2,
+}  # fmt: skip
+#: The most elements a reduction may sum and still be un-blocked: fp16 rounding error of a
+#: sum grows like sqrt(n) * 2**-11 (0.8% at 256).
+_UNBLOCK_MAX_REDUCED = 256
+#: The largest Pow exponent `calibrated_unblock` accepts (relative error grows with it).
+_UNBLOCK_MAX_EXPONENT = 4.0
+#: Reasons listed in the `range-blocked-nodes` statistic before "... and N more".
+_LISTED = 20
 _VARIADIC = onnx.defs.OpSchema.FormalParameterOption.Variadic
 
 
@@ -107,6 +131,17 @@ class _Plan:
     reads: list[tuple[gs.Node, int, int]] = dataclasses.field(default_factory=list)
     fp16_nodes: int = 0
     blocked: int = 0
+    range_blocked: list[str] = dataclasses.field(default_factory=list)  # reasons
+    unblocked: list[str] = dataclasses.field(default_factory=list)  # node labels
+
+
+@dataclasses.dataclass
+class _Ranges:
+    """Calibration facts per tensor name: finite max |x| over the samples, largest size."""
+
+    amax: dict[str, float] = dataclasses.field(default_factory=dict)
+    size: dict[str, int] = dataclasses.field(default_factory=dict)
+    samples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +166,34 @@ class ConvertFloat16(Pass):
     converted in place (values clipped to +-65504), shared ones get a float16 copy. With
     `keep_io_types` graph inputs and outputs stay float32.
 
+    Calibrated block list (when `ctx.calibration` is given, e.g. `--precision fp16 --calib`):
+    one onnxruntime pass over the first `samples` feeds measures max |x| of every float
+    tensor of the main graph (initializers are read directly; non-finite values ignored).
+      1. A node that would run in fp16 stays float32 when one of its float inputs or outputs
+         exceeds the limit 65504 / `headroom` (4094 at the default 16, room for the sums and
+         products a kernel forms before its output): products that overflow (Mul by 1e4 ->
+         MatMul), Exp of inputs > 8.3, Conv/Gemm/ReduceSum outputs past the limit. The node
+         reading an out-of-range tensor stays float32 too, so the tensor never becomes fp16.
+      2. Likewise when every nonzero value of a float input or output lies below 2**-24, the
+         smallest fp16 subnormal (an epsilon of 1e-12, a tensor of tiny gradients): fp16
+         would flush it to zero.
+      3. With `calibrated_unblock` only: a default-blocked Exp/Pow/Softplus/Mish, or a
+         ReduceSum/Mean/L1/L2/SumSquare/LogSum/GlobalAveragePool, runs in fp16 when its
+         measured ranges fit the limit, a reduction sums at most 256 elements with
+         n * max|x|^p within the limit (p = 2 for squares), and a Pow exponent is at most 4.
+         Off by default: the ranges are those of the calibration samples, and a deployment
+         input beyond them would overflow where the static list is safe for any input.
+    The stats record `range-blocked` / `unblocked` counts, the nodes and reasons
+    (`range-blocked-nodes`: "conv_3: output 'y' range 1.2e+05 > 4094"), `range-limit` and
+    `calibration-samples`. Measurements are cached per calibration object and model bytes,
+    so `dsopt.mixed` lowering one node at a time probes once. float16 only: a bfloat16 mode
+    (float32's range) would skip rules 1 and 3.
+
     Lossy: `tolerance` 1e-2 means every output element stays within 1e-2 * (1 + |reference|)
     of the float32 model on well-scaled models (activations far below 65504, no catastrophic
-    cancellation); used as both rtol and atol.
+    cancellation, or calibrated on inputs like the deployment's); used as both rtol and atol.
 
-    Subclasses may override `blocked_nodes` (e.g. from calibration) to keep nodes float32.
+    Subclasses may override `blocked_nodes` to keep more nodes float32.
     """
 
     name = "convert-float16"
@@ -150,29 +208,134 @@ class ConvertFloat16(Pass):
     block_ops: str = dataclasses.field(
         default="", metadata={"help": "comma-separated op types also kept float32"}
     )
+    samples: int = dataclasses.field(
+        default=16, metadata={"help": "calibration feeds measured for the range check (0: all)"}
+    )
+    headroom: float = dataclasses.field(
+        default=16.0,
+        metadata={"help": "calibrated limit is 65504 / headroom; tensors past it stay float32"},
+    )
+    calibrated_unblock: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "run default-blocked ops in fp16 when calibration shows small ranges"},
+    )
 
     def blocked_ops(self) -> frozenset[str]:
         """The op types kept in float32: the defaults plus `block_ops`."""
-        extra = {op.strip() for op in self.block_ops.split(",") if op.strip()}
-        return frozenset(DEFAULT_BLOCK_OPS) | extra
+        return frozenset(DEFAULT_BLOCK_OPS) | self._extra_blocked()
+
+    def _extra_blocked(self) -> frozenset[str]:
+        return frozenset(op.strip() for op in self.block_ops.split(",") if op.strip())
 
     def blocked_nodes(self, module: Module, ctx: PassContext) -> frozenset[str]:
         """Names of nodes to keep float32 beyond the blocked op types (none by default)."""
         return frozenset()
 
+    @property
+    def range_limit(self) -> float:
+        """The largest magnitude a calibrated tensor may reach and still become fp16."""
+        return _FP16_MAX / self.headroom
+
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         """Plans a precision per node in topological order, then inserts Casts."""
+        if not self.headroom >= 1.0:
+            raise UsageError(
+                f"convert-float16: headroom must be >= 1, not {self.headroom}",
+                hint="the range limit is 65504 / headroom; 16 (limit 4094) is the default",
+            )
+        if self.samples < 0:
+            raise UsageError(
+                f"convert-float16: samples must be >= 0, not {self.samples}",
+                hint="0 measures every calibration sample",
+            )
         graph = module.graph
         analyses = ctx.analyses or AnalysisManager(module)
         types = analyses.get(Shapes)
         order = topological_order(graph)
-        plan = self._plan(module, ctx, order, {k: v.dtype for k, v in types.items()})
+        dtypes = {k: v.dtype for k, v in types.items()}
+        plan = self._plan(module, ctx, order, dtypes)
+        calibrated: dict[str, int | float | str] = {}
+        if ctx.calibration is not None and (
+            plan.fp16_nodes or (self.calibrated_unblock and plan.blocked)
+        ):
+            plan, calibrated = self._calibrate(module, ctx, order, dtypes, plan)
         stats = _Rewriter(graph, plan, self.keep_io_types).apply()
-        stats = {"nodes": plan.fp16_nodes, "blocked": plan.blocked, **stats}
+        stats = {
+            "nodes": plan.fp16_nodes,
+            "blocked": plan.blocked,
+            "range-blocked": len(plan.range_blocked),
+            "unblocked": len(plan.unblocked),
+            **stats,
+            **calibrated,
+        }
         changed = any(stats[k] for k in ("casts", "initializers", "nodes", "io", "pairs"))
         if changed:
             graph.nodes = topological_order(graph)
         return PassResult(changed, stats)
+
+    # -- calibration ---------------------------------------------------------------------------
+    def _calibrate(
+        self,
+        module: Module,
+        ctx: PassContext,
+        order: list[gs.Node],
+        dtypes: Mapping[str, np.dtype[Any] | None],
+        plan: _Plan,
+    ) -> tuple[_Plan, dict[str, int | float | str]]:
+        """The plan redone with the calibrated block list, and the statistics saying why."""
+        try:
+            ranges = _measure(module, order, _typer(dtypes), ctx.calibration, self.samples)
+        except ModelError as e:  # the conversion itself needs no onnxruntime
+            logger.warning(
+                "convert-float16: no calibrated block list, onnxruntime cannot run the model "
+                "(%s); keeping the static block list",
+                e.message,
+            )
+            return plan, {"calibration": f"skipped: {e.message}"}
+        blocks, unblocks = self._calibrated(order, ranges)
+        if blocks or unblocks:
+            plan = self._plan(module, ctx, order, dtypes, blocks, unblocks)
+        stats: dict[str, int | float | str] = {
+            "calibration-samples": ranges.samples,
+            "range-limit": self.range_limit,
+        }
+        if plan.range_blocked:
+            stats["range-blocked-nodes"] = _listing(plan.range_blocked)
+        if plan.unblocked:
+            stats["unblocked-nodes"] = _listing(plan.unblocked)
+        return plan, stats
+
+    def _calibrated(
+        self, order: list[gs.Node], ranges: _Ranges
+    ) -> tuple[dict[int, str], frozenset[int]]:
+        """Nodes to keep float32 with the reason (rules 1, 2), default-blocked ones to free (3)."""
+        limit = self.range_limit
+        unblockable = (set(DEFAULT_BLOCK_OPS) & set(_UNBLOCKABLE)) - self._extra_blocked()
+        blocks: dict[int, str] = {}
+        unblocks: set[int] = set()
+        constants: dict[int, float] = {}
+        for node in order:
+            measured = [
+                (role, t.name, amax)
+                for role, tensors in (("input", node.inputs), ("output", node.outputs))
+                for t in tensors
+                if (amax := _amax(t, ranges, constants)) is not None
+            ]
+            over = [m for m in measured if m[2] > limit]
+            tiny = [m for m in measured if 0.0 < m[2] < _FP16_TINY]
+            label = _label(node)
+            if over:
+                role, name, amax = max(over, key=lambda m: m[2])
+                blocks[id(node)] = f"{label}: {role} '{name}' range {amax:.3g} > {limit:.4g}"
+            elif tiny:
+                role, name, amax = tiny[0]
+                blocks[id(node)] = (
+                    f"{label}: {role} '{name}' max {amax:.2g} < {_FP16_TINY:.2g} flushes to 0"
+                )
+            elif self.calibrated_unblock and node.op in unblockable:
+                if _fits_fp16(node, ranges, constants, limit):
+                    unblocks.add(id(node))
+        return blocks, frozenset(unblocks)
 
     # -- planning ------------------------------------------------------------------------------
     def _plan(
@@ -181,21 +344,12 @@ class ConvertFloat16(Pass):
         ctx: PassContext,
         order: list[gs.Node],
         dtypes: Mapping[str, np.dtype[Any] | None],
+        blocks: Mapping[int, str] | None = None,
+        unblocks: frozenset[int] = frozenset(),
     ) -> _Plan:
         plan = _Plan()
         blocked_ops, blocked_names = self.blocked_ops(), self.blocked_nodes(module, ctx)
-
-        def dtype(tensor: gs.Tensor) -> np.dtype[Any] | None:
-            if isinstance(tensor, gs.Constant):
-                return np.dtype(tensor.dtype) if isinstance(tensor.dtype, type | np.dtype) else None
-            found = dtypes.get(tensor.name)
-            if found is None and tensor.dtype is not None:
-                try:
-                    found = np.dtype(tensor.dtype)
-                except TypeError:
-                    found = None
-            return found
-
+        dtype = _typer(dtypes)
         for tensor in module.graph.inputs:
             if dtype(tensor) == _F32:
                 plan.orig32.add(id(tensor))
@@ -203,8 +357,9 @@ class ConvertFloat16(Pass):
         for tensor in module.graph.tensors().values():
             if isinstance(tensor, gs.Constant) and dtype(tensor) == _F32:
                 plan.orig32.add(id(tensor))
+        calibrated = _Calibrated(blocks or {}, unblocks)
         for node in order:
-            self._plan_node(node, module.opset, plan, dtype, blocked_ops, blocked_names)
+            self._plan_node(node, module.opset, plan, dtype, blocked_ops, blocked_names, calibrated)
         return plan
 
     def _plan_node(
@@ -215,6 +370,7 @@ class ConvertFloat16(Pass):
         dtype: Any,
         blocked_ops: frozenset[str],
         blocked_names: frozenset[str],
+        calibrated: _Calibrated,
     ) -> None:
         def is32(tensor: gs.Tensor) -> bool:
             if id(tensor) in plan.orig32:
@@ -253,8 +409,30 @@ class ConvertFloat16(Pass):
                 for v in bound32
                 if v in allowed and "tensor(float16)" in allowed[v] and v in in_types
             }
-        if convertible and (node.op in blocked_ops or (node.name and node.name in blocked_names)):
+
+        def mode_of(chosen: set[str]) -> tuple[int, list[gs.Tensor], bool]:
+            """fp16 or float32 for the node, its float32-bound inputs, integer-valued or not."""
+            variables = [
+                t for i, t in inputs if in_types[i] in chosen and isinstance(t, gs.Variable)
+            ]
+            integer = bool(variables) and all(id(t) in plan.integer for t in variables)
+            if not chosen:
+                return 32, variables, integer
+            if node.op in NEUTRAL_OPS:
+                fp32_input = any(plan.prec.get(id(t), 32) == 32 for t in variables)
+                return (32 if fp32_input else 16), variables, integer
+            return (32 if integer else 16), variables, integer
+
+        freed = id(node) in calibrated.unblocks
+        if convertible and (
+            (node.op in blocked_ops and not freed) or (node.name and node.name in blocked_names)
+        ):
             plan.blocked += 1
+            convertible = set()
+        reason = calibrated.blocks.get(id(node)) if convertible else None
+        if reason is not None:
+            if mode_of(convertible)[0] == 16:  # else float32 anyway: nothing to report
+                plan.range_blocked.append(reason)
             convertible = set()
         # Tensors bound to a float32 type variable are float32 even where inference gave up.
         for i, t in inputs:
@@ -263,21 +441,14 @@ class ConvertFloat16(Pass):
         for j, t in enumerate(node.outputs):
             if t.name and out_types[j] in convertible:
                 plan.orig32.add(id(t))
-        variables = [
-            t for i, t in inputs if in_types[i] in convertible and isinstance(t, gs.Variable)
-        ]
-        integer = bool(variables) and all(id(t) in plan.integer for t in variables)
+        mode, variables, integer = mode_of(convertible)
         if node.op in _INTEGER_SOURCES or (integer and convertible):
             for t in outputs:
                 plan.integer.add(id(t))
-        if not convertible:
-            mode = 32
-        elif node.op in NEUTRAL_OPS:
-            mode = 32 if any(plan.prec.get(id(t), 32) == 32 for t in variables) else 16
-        else:
-            mode = 32 if integer else 16
         if mode == 16:
             plan.fp16_nodes += 1
+            if freed and node.op in blocked_ops:
+                plan.unblocked.append(_label(node))
         any_input = node.op in ("Shape", "Size")
         for i, t in inputs:
             if not is32(t):
@@ -288,6 +459,153 @@ class ConvertFloat16(Pass):
         for j, t in enumerate(node.outputs):
             if t.name and is32(t):
                 plan.prec[id(t)] = 16 if mode == 16 and out_types[j] in convertible else 32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Calibrated:
+    """What calibration decided per node (by id): keep float32 (with why), or free to fp16."""
+
+    blocks: Mapping[int, str]
+    unblocks: frozenset[int]
+
+
+def _typer(dtypes: Mapping[str, np.dtype[Any] | None]) -> Any:
+    """A function giving a tensor's dtype from the Shapes analysis or the graph (None: unknown)."""
+
+    def dtype(tensor: gs.Tensor) -> np.dtype[Any] | None:
+        if isinstance(tensor, gs.Constant):
+            return np.dtype(tensor.dtype) if isinstance(tensor.dtype, type | np.dtype) else None
+        found = dtypes.get(tensor.name)
+        if found is None and tensor.dtype is not None:
+            try:
+                found = np.dtype(tensor.dtype)
+            except TypeError:
+                found = None
+        return found
+
+    return dtype
+
+
+def _label(node: gs.Node) -> str:
+    named = node.name or next((t.name for t in node.outputs if t.name), "")
+    return named or node.op
+
+
+def _listing(items: list[str]) -> str:
+    shown = "; ".join(items[:_LISTED])
+    return shown + (f"; ... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+def _amax(tensor: gs.Tensor, ranges: _Ranges, constants: dict[int, float]) -> float | None:
+    """Measured finite max |x| of a float tensor (initializers from their values)."""
+    if isinstance(tensor, gs.Constant):
+        if id(tensor) not in constants:
+            values = np.asarray(tensor.values)
+            if values.dtype not in (_F32, _F16) or not values.size:
+                return None
+            constants[id(tensor)] = _finite_amax(values)
+        return constants[id(tensor)]
+    return ranges.amax.get(tensor.name) if tensor.name else None
+
+
+def _finite_amax(values: np.ndarray) -> float:
+    """Largest |x| over the finite elements (0.0 when none is finite)."""
+    if not values.size:
+        return 0.0
+    top = max(-float(values.min()), float(values.max()))
+    if not np.isfinite(top):
+        finite = values[np.isfinite(values)]
+        top = float(np.abs(finite).max()) if finite.size else 0.0
+    return top
+
+
+def _fits_fp16(node: gs.Node, ranges: _Ranges, constants: dict[int, float], limit: float) -> bool:
+    """Whether calibration shows a default-blocked node safe in fp16 (rule 3)."""
+    floats = [t for t in (*node.inputs, *node.outputs) if t.name and (
+        isinstance(t, gs.Variable) or np.asarray(t.values).dtype == _F32
+    )]  # fmt: skip
+    measured = [_amax(t, ranges, constants) for t in floats]
+    if not floats or any(m is None for m in measured):
+        return False  # an unmeasured float tensor (or not float at all): keep it blocked
+    x, y = node.inputs[0], node.outputs[0]
+    power = _UNBLOCKABLE[node.op]
+    if node.op == "Pow":
+        exponent = _amax(node.inputs[1], ranges, constants) if len(node.inputs) > 1 else None
+        return exponent is not None and exponent <= _UNBLOCK_MAX_EXPONENT
+    if power == 0:
+        return True
+    if not isinstance(x, gs.Variable) or x.name not in ranges.size or y.name not in ranges.size:
+        return False
+    count = ranges.size[x.name] // max(ranges.size[y.name], 1)
+    amax = ranges.amax[x.name]
+    return count <= _UNBLOCK_MAX_REDUCED and count * amax**power <= limit
+
+
+#: Measured ranges per calibration object, keyed by (sha1 of the model bytes, samples); a
+#: weak map, so a calibration set's entries go with it.
+_MEASURED: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], _Ranges]] = (
+    weakref.WeakKeyDictionary()
+)
+_CACHED_MODELS = 4
+
+
+def _measure(
+    module: Module, order: list[gs.Node], dtype: Any, calibration: Any, samples: int
+) -> _Ranges:
+    """Largest |x| and size of every float tensor of the main graph over the calibration feeds."""
+    from dsopt.quant.calibration import CalibrationData, Probe
+
+    proto = module.to_proto()
+    cacheable = isinstance(calibration, CalibrationData)
+    data = calibration if cacheable else CalibrationData.from_feeds(list(calibration))
+    key = (hashlib.sha1(proto.SerializeToString()).hexdigest(), samples)
+    cache = _MEASURED.setdefault(data, {}) if cacheable else {}
+    if key in cache:
+        return cache[key]
+    names = [
+        t.name
+        for node in order
+        for t in (*node.inputs, *node.outputs)
+        if isinstance(t, gs.Variable) and t.name and _probed(t, dtype)
+    ]
+    ranges = _Ranges()
+    inputs = {t.name: np.dtype(t.dtype) for t in module.graph.inputs if _probed(t, dtype)}
+    with Probe(proto, list(dict.fromkeys(names)), label="convert-float16 calibration") as probe:
+        for values in probe.stream(_typed_feeds(data.limited(samples), inputs)):
+            ranges.samples += 1
+            for name, value in values.items():
+                amax = _finite_amax(value)
+                ranges.amax[name] = max(ranges.amax.get(name, 0.0), amax)
+                ranges.size[name] = max(ranges.size.get(name, 0), int(value.size))
+    if ranges.samples == 0:
+        raise UsageError("convert-float16: the calibration data holds no samples")
+    while len(cache) >= _CACHED_MODELS:
+        cache.pop(next(iter(cache)))
+    cache[key] = ranges
+    return ranges
+
+
+def _probed(tensor: gs.Tensor, dtype: Any) -> bool:
+    """Float tensors the probe can type: float32 (its default), or float16 the graph declares."""
+    found = dtype(tensor)
+    if found == _F32:
+        return True
+    return found == _F16 and tensor.dtype is not None and np.dtype(tensor.dtype) == _F16
+
+
+def _typed_feeds(
+    data: Iterable[Mapping[str, np.ndarray]], inputs: Mapping[str, np.dtype[Any]]
+) -> Iterable[dict[str, np.ndarray]]:
+    """Feeds with float arrays cast to the graph input's float type (float16 after a run)."""
+    for feed in data:
+        yield {
+            name: (
+                value.astype(inputs[name])
+                if name in inputs and np.asarray(value).dtype.kind == "f"
+                else value
+            )
+            for name, value in feed.items()
+        }
 
 
 class _Rewriter:

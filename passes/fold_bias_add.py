@@ -1,4 +1,4 @@
-"""Fold an Add of a constant per-channel bias into the Conv or Gemm before it."""
+"""Fold an Add of a constant per-channel bias into the Conv, ConvTranspose or Gemm before it."""
 
 from __future__ import annotations
 
@@ -29,21 +29,27 @@ def _bias_constant(match: Match, dtype: np.dtype | None) -> np.ndarray | MatchRe
 class ConvAdd(Rule):
     """Conv(x, W, b) + c  ==>  Conv(x, W, b + c) for c broadcast per output channel.
 
+    The same for ConvTranspose, whose M output channels are W's dim 1 times `group`
+    (Paddle exports its transposed convs' bias as such an Add).
+
     c may be [M,1,...,1], [1,M,1,...,1], a scalar or all-ones shape: aligned right against
     the Conv output [N, M, d1, ...], it must be 1 on the batch and every spatial axis and 1
     or M on the channel axis, and no longer than the output's rank.
     """
 
     name = "conv-add"
-    pattern = (Op("Conv"), _ADD)
+    pattern = (Op("Conv", "ConvTranspose"), _ADD)
 
     def check(self, match: Match) -> MatchResult:
         """A per-channel constant c of the Conv's dtype, and a constant b (or none)."""
         conv = match.root
         weight_shape = match.shape(conv.inputs[1])
-        if weight_shape is None or not isinstance(weight_shape[0], int) or len(weight_shape) < 3:
-            return match.fail("the Conv weight shape is unknown")
-        channels, rank = int(weight_shape[0]), len(weight_shape)
+        axis = 1 if conv.op == "ConvTranspose" else 0
+        if weight_shape is None or len(weight_shape) < 3 or not isinstance(weight_shape[axis], int):
+            return match.fail(f"the {conv.op} weight shape is unknown")
+        channels, rank = int(weight_shape[axis]), len(weight_shape)
+        if conv.op == "ConvTranspose":
+            channels *= int(conv.attrs.get("group", 1))
         weight = match.constant(conv.inputs[1])
         bias = _bias_constant(match, None if weight is None else weight.dtype)
         if isinstance(bias, MatchResult):
@@ -70,8 +76,8 @@ class ConvAdd(Rule):
     def rewrite(self, match: Match, graph: gs.Graph) -> Sequence[gs.Node]:
         """A copy of the Conv with the summed bias."""
         conv = match.root
-        bias = match.new_constant(f"{conv.name or 'Conv'}_bias", match.values["bias"])
-        return [match.new_node("Conv", [conv.inputs[0], conv.inputs[1], bias], conv.attrs)]
+        bias = match.new_constant(f"{conv.name or conv.op}_bias", match.values["bias"])
+        return [match.new_node(conv.op, [conv.inputs[0], conv.inputs[1], bias], conv.attrs)]
 
 
 class GemmAdd(Rule):
@@ -135,11 +141,11 @@ RULES: tuple[Rule, ...] = (ConvAdd(), GemmAdd())
 
 @dataclasses.dataclass(frozen=True)
 class FoldBiasAdd(RulePass):
-    """Conv/Gemm -> Add(constant bias)  ==>  Conv/Gemm with the bias folded in.
+    """Conv/ConvTranspose/Gemm -> Add(constant bias)  ==>  the same op with the bias folded in.
 
     Rules (`RULES`, one statistic each):
-      1. `conv-add`: Conv (with or without bias) + c, where c broadcasts per output channel
-         ([M,1,1], [1,M,1,1], [1,M,1] for a 1-D conv, a scalar): b' = b + c.
+      1. `conv-add`: Conv or ConvTranspose (with or without bias) + c, where c broadcasts per
+         output channel ([M,1,1], [1,M,1,1], [1,M,1] for a 1-D conv, a scalar): b' = b + c.
       2. `gemm-add`: Gemm (C constant or absent) + c, where c broadcasts per column ([N],
          [1,N], a scalar): C' = beta * C + c, beta 1.
 
@@ -150,7 +156,7 @@ class FoldBiasAdd(RulePass):
     """
 
     name = "fold-bias-add"
-    summary = "fold an Add of a constant per-channel bias into the preceding Conv or Gemm"
+    summary = "fold an Add of a constant per-channel bias into the preceding Conv(Transpose)/Gemm"
     stage = "fuse"
     exactness = "reassoc"
     opsets = (7, None)

@@ -40,15 +40,22 @@ _PER_AXIS_OPSET = 13
 _BLOCKED_OPSET = {4: 21, 2: 25}
 #: Site kinds: how the weight read at one node input is quantized.
 _CHANNEL, _BLOCK, _NBITS, _ROWS, _GBQ = "channel", "block", "nbits", "rows", "gbq"
+_CONV_BLOCK, _CONV_CHANNEL = "conv-block", "conv-channel"
+_CONV_KINDS = (_CONV_BLOCK, _CONV_CHANNEL)
 _RULES = {
     _CHANNEL: "int8-per-channel",
     _BLOCK: "blocked-qdq",
+    _CONV_BLOCK: "conv-blocked-qdq",
+    _CONV_CHANNEL: "conv-per-channel-qdq",
     _NBITS: "matmul-nbits",
     _ROWS: "embedding",
     _GBQ: "gather-block-quantized",
 }
 _SKIPS = ("skipped-shared", "skipped-gemm", "skipped-opset", "skipped-small", "skipped-dtype")
 _METHODS = ("rtn", "hqq", "gptq")
+#: Conv/ConvTranspose weights below 8 bits get blocks along their reduction axis (input
+#: channels per group) from this depth on, one scale per channel below it.
+_CONV_MIN_DEPTH = 16
 #: GPTQ holds one float64 K x K Hessian per weight; wider reduction axes fall back.
 _GPTQ_MAX_K = 16384
 
@@ -96,7 +103,17 @@ class QuantizeWeights(Pass):
          (`skipped-opset`). `matmul-nbits` is `com.microsoft.MatMulNBits` (K, N, bits,
          block_size): Gemm's alpha is folded into the scales and beta * C into the bias when C
          is constant per column; transA or another C stays float (`skipped-gemm`).
-      3. Embeddings (`embeddings=True`): `Gather(constant [V, D] table, indices, axis=0)`,
+         Below opset 13 (no per-axis form at all) the model is raised to 21/25 (or 13), or
+         every weight stays float (`skipped-opset`).
+      3. `bits` 4 or 2, Conv (weight O x I/g x k...) and ConvTranspose (I x O/g x k...):
+         the opset-21/25 DequantizeLinear of rule 2 on the 3-5-D weight, converting the
+         opset as there (no com.microsoft fallback: `skipped-opset`). `conv-blocked-qdq`:
+         blocks of `block_size` along the reduction axis (Conv axis 1, ConvTranspose axis 0)
+         when a group reduces over at least 16 input channels; the last block may be partial.
+         `conv-per-channel-qdq`: fewer (depthwise, an RGB stem): one scale (and zero point)
+         per index of axis 0, that is per output channel of a Conv and per input channel of
+         a ConvTranspose (a depthwise one has one output channel per group).
+      4. Embeddings (`embeddings=True`): `Gather(constant [V, D] table, indices, axis=0)`,
          quantized by rows (8 bits: one scale per row; fewer: blocks along D). `embedding`:
          the integer table (sub-byte values packed in uint8 rows) and per-row scales (and
          zero points) are gathered and only the gathered rows are dequantized, in float
@@ -104,12 +121,12 @@ class QuantizeWeights(Pass):
          of two, Sub, Mul). `gather-block-quantized` (format "ort") is
          `com.microsoft.GatherBlockQuantized` on uint8 data (8 bits: one block per row;
          fewer: packed along D, which needs D * bits to fill whole bytes).
-      4. Weights held by Constant nodes count, and every graph is walked: a weight read in
+      5. Weights held by Constant nodes count, and every graph is walked: a weight read in
          If/Loop/Scan bodies gets one DequantizeLinear in the innermost graph enclosing all
          its readers. A weight shared by several nodes is quantized once; one that is also
          read some other way (or is a graph output), or whose readers need different
          quantizations, stays float (`skipped-shared`).
-      5. `method=gptq` (needs calibration data, `--calib`): MatMul/Gemm weights of rules 1
+      6. `method=gptq` (needs calibration data, `--calib`): MatMul/Gemm weights of rules 1
          and 2 are rounded by GPTQ (`dsopt.quant.gptq`, Frantar et al. 2022) against the
          Hessian `sum X^T X` of their activation input X, gathered in one onnxruntime run over
          at most `samples` calibration feeds (one float64 K x K matrix per weight; a weight
@@ -120,11 +137,11 @@ class QuantizeWeights(Pass):
          input that is not float or never computed, K > 16384), which take HQQ blocks (RTN
          per channel).
     `method` picks round-to-nearest, HQQ (`dsopt.quant.grid.quantize_blocks`, never worse
-    than RTN per block) or GPTQ (rule 5; HQQ where it falls back) for every block-wise and
+    than RTN per block) or GPTQ (rule 6; HQQ where it falls back) for every block-wise and
     row-wise rule; rule 1 is RTN unless GPTQ rounds it (its scales stay min-max). 3 bits
     are refused: ONNX has no 3-bit type and onnxruntime 1.32's MatMulNBits rejects bits=3.
-    Conv weights stay float for bits < 8, as do non-float32 or non-finite weights
-    (`skipped-dtype`) and those below `min_elements` (`skipped-small`). `weights`,
+    Non-float32 or non-finite weights stay float (`skipped-dtype`), as do those below
+    `min_elements` (`skipped-small`). `weights`,
     `bytes-before` and `bytes-after` count the weights quantized and their storage (packed
     integers plus scales and zero points); `opset` is the opset after the pass.
 
@@ -169,6 +186,9 @@ class QuantizeWeights(Pass):
     )
     embeddings: bool = dataclasses.field(
         default=True, metadata={"help": "also quantize Gather tables (embeddings)"}
+    )
+    convs: bool = dataclasses.field(
+        default=True, metadata={"help": "below 8 bits, also quantize Conv/ConvTranspose weights"}
     )
     min_elements: int = dataclasses.field(
         default=0, metadata={"help": "keep weights with fewer elements float"}
@@ -222,6 +242,10 @@ class QuantizeWeights(Pass):
         if self.min_elements < 0:
             raise UsageError("option 'min_elements' of pass 'quantize-weights' must be >= 0")
 
+    def applies_to(self, opset: int) -> bool:
+        """Any opset: the pass raises it to the one its forms need (13, or 21/25 for blocks)."""
+        return True
+
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         """Quantizes every eligible weight in place."""
         if self.method == "gptq" and ctx.calibration is None:
@@ -235,23 +259,35 @@ class QuantizeWeights(Pass):
         stats.update({"gptq": 0, "gptq-fallback": 0})
         stats.update(dict.fromkeys(_SKIPS, 0))
         stats["opset"] = module.opset
-        if module.opset < _PER_AXIS_OPSET:
-            return PassResult(False, stats)
+        if module.opset < _PER_AXIS_OPSET and self.bits == 8:
+            # per-axis DequantizeLinear needs opset 13: raise the model once if it has sites
+            ort_sites = self._collect(module, "", False, conv=True)
+            if not ort_sites or not self._upgrade(module, ctx, _PER_AXIS_OPSET):
+                stats["skipped-opset"] = sum(len(w.sites) for w in ort_sites)
+                return PassResult(False, stats)
         ort = self.format == "ort" or (self.format == "auto" and ctx.target == "onnxruntime")
         matmul_kind = _NBITS if ort and self.bits < 8 else _BLOCK
         needed = _BLOCKED_OPSET.get(self.bits, 0)
-        upgraded = False
-        if module.opset < needed and matmul_kind == _BLOCK:
-            blocked = sum(
-                len(w.sites) for w in self._collect(module, _BLOCK, ort) if _has_kind(w, _BLOCK)
-            )
-            if blocked:
+        upgraded, conv = False, self.bits < 8 and self.convs
+        if module.opset < needed:
+            sites = [s for w in self._collect(module, matmul_kind, ort, conv=conv) for s in w.sites]
+            blocked = sum(1 for s in sites if s.kind == _BLOCK)
+            convs = sum(1 for s in sites if s.kind in _CONV_KINDS)
+            if blocked or convs or (sites and module.opset < _PER_AXIS_OPSET):
                 upgraded = self._upgrade(module, ctx, needed)
-                if not upgraded:
+                if not upgraded and module.opset < _PER_AXIS_OPSET:
+                    upgraded = self._upgrade(module, ctx, _PER_AXIS_OPSET)
+            if module.opset < _PER_AXIS_OPSET:  # no per-axis or blocked form at all
+                stats["skipped-opset"] = len(sites)
+                return PassResult(False, stats)
+            if module.opset < needed:
+                if blocked:
                     fallback = ctx.target == "onnxruntime"
                     stats["fallback-ort" if fallback else "skipped-opset"] = blocked
                     matmul_kind = _NBITS if fallback else ""
-        weights = self._collect(module, matmul_kind, ort, stats)
+                stats["skipped-opset"] = int(stats["skipped-opset"]) + convs
+                conv = False
+        weights = self._collect(module, matmul_kind, ort, stats, conv=conv)
         stats["opset"] = module.opset
         rounded = self._gptq(module, ctx, weights, stats) if self.method == "gptq" else {}
         emitter = _Emitter(module, self, rounded)
@@ -273,8 +309,13 @@ class QuantizeWeights(Pass):
         matmul_kind: str,
         ort: bool,
         stats: dict[str, int | float | str] | None = None,
+        *,
+        conv: bool = False,
     ) -> list[_Weight]:
-        """The weights to quantize with their sites; counts in `stats` why others stay float."""
+        """The weights to quantize with their sites; counts in `stats` why others stay float.
+
+        `conv`: whether Conv/ConvTranspose weights below 8 bits are sites (the opset allows).
+        """
         excluded = {part.strip() for part in self.exclude.split(",") if part.strip()}
         found: dict[int, _Weight] = {}
         values: dict[int, np.ndarray | None] = {}
@@ -293,7 +334,7 @@ class QuantizeWeights(Pass):
                     continue
                 if value.dtype.kind != "f":
                     continue
-                kind_axis = self._site(node, value.shape, matmul_kind, ort, stats)
+                kind_axis = self._site(node, value.shape, matmul_kind, ort, stats, conv)
                 if kind_axis is None:
                     continue
                 weight = found.setdefault(id(tensor), _Weight(tensor, value))
@@ -315,13 +356,25 @@ class QuantizeWeights(Pass):
         matmul_kind: str,
         ort: bool,
         stats: dict[str, int | float | str] | None,
+        conv: bool = False,
     ) -> tuple[str, int] | None:
         """(kind, axis) of the weight of `shape` read by `node`, or None when it is no site."""
         rank = len(shape)
         if node.op in ("Conv", "ConvTranspose"):
-            if self.bits < 8 or rank < 3:
+            if rank < 3:
                 return None
-            return _CHANNEL, 0 if node.op == "Conv" else 1
+            if self.bits == 8:
+                return _CHANNEL, 0 if node.op == "Conv" else 1
+            if not conv:
+                return None
+            # Conv (O, I/g, k...) reduces over axis 1; ConvTranspose (I, O/g, k...) over the
+            # I/g input channels of a group along axis 0, whose channels also suit one scale
+            # each (its axis 1 would put every channel of a depthwise one under one scale).
+            group = max(1, int(node.attrs.get("group", 1)))
+            depth = shape[1] if node.op == "Conv" else shape[0] // group
+            if depth >= _CONV_MIN_DEPTH:
+                return _CONV_BLOCK, 1 if node.op == "Conv" else 0
+            return _CONV_CHANNEL, 0
         if node.op == "Gather":
             axis = int(node.attrs.get("axis", 0))
             if not self.embeddings or rank != 2 or axis not in (0, -2) or shape[1] < 2:
@@ -428,10 +481,6 @@ class QuantizeWeights(Pass):
         from dsopt.passes.upgrade_opset import UpgradeOpset
 
         return UpgradeOpset(to=opset).run(module, ctx).changed
-
-
-def _has_kind(weight: _Weight, kind: str) -> bool:
-    return any(site.kind == kind for site in weight.sites)
 
 
 def _gptq_inputs(module: Module, weight: _Weight) -> list[tuple[str, int]] | None:
@@ -618,7 +667,7 @@ class _Emitter:
     def emit(self, weight: _Weight) -> None:
         kind = weight.sites[0].kind
         base = weight.tensor.name or "weight"
-        if kind in (_CHANNEL, _BLOCK):
+        if kind in (_CHANNEL, _BLOCK, *_CONV_KINDS):
             graph = self.enclosing(weight.sites)
             start = len(graph.nodes)
             out = self._dequantize(graph, weight, base)
@@ -634,9 +683,10 @@ class _Emitter:
         self.retire(weight)
 
     def _dequantize(self, graph: gs.Graph, weight: _Weight, base: str) -> gs.Variable:
-        """Rules 1 and 2 (qdq): one DequantizeLinear of the integer weight."""
+        """Rules 1, 2 and 3 (qdq): one DequantizeLinear of the integer weight."""
         opts, value = self.options, weight.value
         axis = weight.sites[0].axis
+        kind = weight.sites[0].kind
         attrs: dict = {"axis": axis}
         rounded = self.rounded.get(id(weight))
         if opts.bits == 8:
@@ -648,6 +698,12 @@ class _Emitter:
             else:
                 q, scale, zero = _per_channel_affine(value, axis)
             onnx_type = None
+        elif kind == _CONV_CHANNEL:
+            grid = Grid(opts.bits, opts.symmetric)
+            q, scale, zero = _quantize_channels(
+                value, axis, grid, symmetric=opts.symmetric, method=self.method
+            )
+            onnx_type = grid.onnx_dtype
         else:
             grid = Grid(opts.bits, opts.symmetric)
             q, scale, zero = rounded or quantize_blocks(
@@ -703,7 +759,7 @@ class _Emitter:
             graph.nodes.insert(index, new)
 
     def _embedding(self, weight: _Weight, base: str) -> None:
-        """Rule 3 (standard ops): gather integer rows and their scales, then dequantize."""
+        """Rule 4 (standard ops): gather integer rows and their scales, then dequantize."""
         tables = self._row_tables(weight.value, base)
         for site in weight.sites:
             self._gather_rows(site, tables, base)
@@ -829,7 +885,7 @@ class _Emitter:
         return self.constant(f"{base}_const", np.array(values, np.int64))
 
     def _gather_block_quantized(self, weight: _Weight, base: str) -> None:
-        """Rule 3 (ort): GatherBlockQuantized on uint8 data."""
+        """Rule 4 (ort): GatherBlockQuantized on uint8 data."""
         opts, value = self.options, weight.value
         depth = value.shape[1]
         grid = Grid(opts.bits, opts.symmetric)
@@ -870,6 +926,24 @@ def _per_channel_affine(value: np.ndarray, axis: int) -> tuple[np.ndarray, np.nd
     shape = [1] * value.ndim
     shape[axis] = -1
     return quantize(value, scale.reshape(shape), zero.reshape(shape), UINT8), scale, zero
+
+
+def _quantize_channels(
+    value: np.ndarray, axis: int, grid: Grid, *, symmetric: bool, method: Literal["rtn", "hqq"]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Sub-byte quantization with one scale (and zero point) per index along `axis`.
+
+    `quantize_blocks` with one block per channel (the channel's values flattened), so RTN
+    and HQQ are those of the block rules; scale and zero point are 1-D, as a per-axis
+    DequantizeLinear takes them.
+    """
+    moved = np.moveaxis(value, axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    q, scale, zero = quantize_blocks(
+        flat, 1, flat.shape[1], grid, symmetric=symmetric, method=method
+    )
+    q = np.ascontiguousarray(np.moveaxis(q.reshape(moved.shape), 0, axis))
+    return q, scale[:, 0].copy(), None if zero is None else zero[:, 0].copy()
 
 
 def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from dsopt.analysis import AnalysisManager
+from dsopt.analysis import AnalysisManager, Shapes
 from dsopt.attention import AttentionSite, scan_attention
 from dsopt.errors import UsageError
 from dsopt.ir import Module
+from dsopt.key_mask import KeyMaskReducer
 from dsopt.pass_infra import Pass, PassContext, PassResult
 from dsopt.pattern import fresh_name, remove_nodes, topological_order
 from dsopt.quant import calibration
@@ -60,18 +62,25 @@ class SparseAttention(Pass):
          (w keys including i itself, i.e. i - w < j <= i for d = 1);
       2. global keys: every query attends keys 0..g-1 (only j <= i when causal);
       3. global queries: queries 0..g-1 attend every key (only j <= i when causal).
-    The model's mask (a key padding mask: additive or boolean, shape (B|1, N|1, 1, L)) still
-    applies to every key. `causal=auto` keeps the site's causal flag; `true` makes every
-    site causal; `false` uses the bidirectional pattern and skips causal sites.
+    The model's mask (additive or boolean) still applies to every key; a (…, S, L) mask
+    whose rows are all equal (transformers' broadcast padding mask) is recomputed at
+    (…, 1, L) first (`dsopt.key_mask`, stat `masks-per-key`). Sites are decomposed attention
+    or single MultiHeadAttention (com.microsoft) / Attention (opset 23) nodes, e.g. from
+    `fuse-attention`; a fused node with past key/values, packed projections, grouped-query
+    heads or softcap is left alone (`skipped-fused`). `causal=auto` keeps the site's causal
+    flag; `true` makes every site causal; `false` uses the bidirectional pattern and skips
+    causal sites.
 
     Built from standard ops (opset >= 13): the sequence is padded in the graph to nb·block
     (dynamic lengths work), queries are cut into blocks (B, N, nb, block, H) and scored
-    against their neighbour key blocks (b-1, b, b+1; causal b-1, b) concatenated with the
-    g global keys; a band mask (Range/compare constants) removes keys outside the window,
-    past the sequence end, and keys < g from the local part (they are counted once, in the
-    global part). Global query rows are computed densely (g × n) and replace the first g
-    rows. Every tensor is O(n · (block + g)). Needs block >= d·(w // 2) (causal:
-    block >= d·(w - 1)); default block = d·w.
+    against their neighbour key blocks (b-1, b, b+1; causal b-1, b) followed by the g
+    global keys, in one MatMul and one Softmax; one bias (mask + pattern, shared by every
+    site with the same mask and length) removes keys outside the window, past the sequence
+    end, and keys < g from the local part (they are counted once, as globals). Global query
+    rows are computed densely (g × n) and replace the first g rows. Every tensor is
+    O(n · (block + g)). Needs block >= d·(w // 2) (causal: block >= d·(w - 1)); the default
+    block is that reach rounded up to a multiple of 16 (128 for a bidirectional w = 256:
+    3·128 local keys per query, not 3·256).
 
     Lossy: when the window covers the sequence (w // 2 >= n - 1, causal w >= n, d = 1) the
     result equals the dense attention within fp32 rounding (`tolerance`); otherwise the
@@ -95,7 +104,9 @@ class SparseAttention(Pass):
         default="auto", metadata={"help": "auto (keep the site's), true, or false"}
     )
     dilation: int = dataclasses.field(default=1, metadata={"help": "local window dilation"})
-    block: int = dataclasses.field(default=0, metadata={"help": "block size (0: dilation·w)"})
+    block: int = dataclasses.field(
+        default=0, metadata={"help": "block size (0: the window reach, rounded up to 16)"}
+    )
     samples: int = dataclasses.field(
         default=4, metadata={"help": "calibration samples for dropped-mass (0: skip)"}
     )
@@ -124,7 +135,7 @@ class SparseAttention(Pass):
         if self.block < 0:
             raise UsageError(
                 f"sparse-attention: block must be >= 0, not {self.block}",
-                hint="0 picks dilation·window",
+                hint="0 picks the window reach",
             )
         if self.samples < 0:
             raise UsageError(
@@ -161,19 +172,27 @@ class SparseAttention(Pass):
         if chosen and ctx.calibration is not None and self.samples:
             out.update(self._dropped_mass(module, chosen, ctx))
         names = {n for g in module.graphs() for n in g.tensors()}
+        reducers: dict[int, KeyMaskReducer] = {}
+        shared: dict[Any, Any] = {}
+        per_key = 0
         for site, causal in chosen:
-            _Builder(site, names, self, causal).apply()
+            reduced = _per_key_mask(site, reducers, names, analyses.get(Shapes))
+            per_key += reduced is not site
+            _Builder(reduced, names, self, causal, shared).apply()
+        for reducer in reducers.values():
+            reducer.graph.nodes.extend(reducer.nodes)
         for graph in {id(s.graph): s.graph for s, _ in chosen}.values():
             graph.nodes = topological_order(graph)
         result: dict[str, int | float | str] = {"sites-rewritten": len(chosen)}
+        result["masks-per-key"] = per_key
         result.update({name: stats[name] for name in _SKIPS})
         result.update(out)
         return PassResult(bool(chosen), result)
 
     def _check(self, site: AttentionSite) -> bool:
         """The causal flag the site is rewritten with, or _Skip."""
-        if site.kind == "fused":
-            raise _Skip("skipped-fused", "already a fused attention node")
+        if site.unsupported:
+            raise _Skip("skipped-fused", site.unsupported)
         s, l_ = site.seq_lengths
         if s is None or s != l_:
             raise _Skip("skipped-cross", f"query length {s} and key length {l_} differ")
@@ -234,18 +253,54 @@ class SparseAttention(Pass):
         }
 
 
-class _Builder:
-    """Builds the blockwise sparse replacement of one site, then swaps it in."""
+def _default_block(reach: int) -> int:
+    """The smallest block that holds the window's reach, rounded up to 16 for vector loops."""
+    return max(1, reach) if reach < 16 else -(-reach // 16) * 16
 
-    def __init__(self, site: AttentionSite, names: set[str], opts: SparseAttention, causal: bool):
+
+def _per_key_mask(
+    site: AttentionSite,
+    reducers: dict[int, KeyMaskReducer],
+    names: set[str],
+    shapes: Mapping[str, Any],
+) -> AttentionSite:
+    """The site with its (…, S, L) mask recomputed at (…, 1, L) when no row differs."""
+    mask = site.mask
+    if mask is None or mask.shape is None or len(mask.shape) < 2 or mask.shape[-2] == 1:
+        return site
+    reducer = reducers.setdefault(id(site.graph), KeyMaskReducer(site.graph, names, shapes))
+    row = reducer.reduce(mask.tensor)
+    if row is None:
+        return site
+    shape = (*mask.shape[:-2], 1, mask.shape[-1])
+    return dataclasses.replace(site, mask=dataclasses.replace(mask, tensor=row, shape=shape))
+
+
+class _Builder:
+    """Builds the blockwise sparse replacement of one site, then swaps it in.
+
+    `shared` holds the pattern/mask bias of earlier sites: sites with the same mask tensor,
+    causal flag and sequence dim (e.g. every layer of an encoder) add the same bias tensor.
+    """
+
+    def __init__(
+        self,
+        site: AttentionSite,
+        names: set[str],
+        opts: SparseAttention,
+        causal: bool,
+        shared: dict[Any, Any],
+    ):
         self.site = site
         self.names = names
         self.causal = causal
+        self.shared = shared
         self.dtype = np.dtype(site.dtype)
         self.g = opts.global_tokens
         self.w = opts.window
         self.d = opts.dilation
-        self.blk = opts.block or opts.dilation * opts.window
+        self.blk = opts.block or _default_block(opts._reach(causal))
+        self.width = (2 if causal else 3) * self.blk  # local keys per query block
         self.nodes: list[gs.Node] = []
         self.base = site.output.name or "attention"
 
@@ -289,11 +344,31 @@ class _Builder:
             )
         return self.op("Concat", *parts, axis=axis + 1)
 
+    def dims(self, tensor: gs.Tensor, start: int, end: int) -> gs.Tensor:
+        """Shape(tensor)[start:end], 1-D int64."""
+        return self.op(
+            "Slice",
+            self.op("Shape", tensor),
+            self.const([start]),
+            self.const([end]),
+            self.const([0]),
+        )
+
+    def blocks_of(self, s: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor]:
+        """(nb, tail) for a 1-D length s: nb = ceil(s / blk) blocks, tail = nb·blk - s."""
+        blk = self.const([self.blk])
+        nb = self.op("Div", self.op("Add", s, self.const([self.blk - 1])), blk)
+        return nb, self.op("Sub", self.op("Mul", nb, blk), s)
+
+    def with_globals(self, local: gs.Tensor, glob: gs.Tensor, axis: int) -> gs.Tensor:
+        """Concat(local, glob broadcast to local's leading dims) on `axis` (the last two kept)."""
+        target = self.op("Concat", self.dims(local, 0, axis), self.dims(glob, axis, 5), axis=0)
+        return self.op("Concat", local, self.op("Expand", glob, target), axis=axis)
+
     # -- the rewrite -----------------------------------------------------------------------
     def apply(self) -> None:
         site = self.site
         h = site.head_size
-        blk, g = self.blk, self.g
         if site.layout == "bsd":
             q, k, v = (self.heads(t) for t in (site.q, site.k, site.v))
         else:
@@ -301,88 +376,20 @@ class _Builder:
             if site.k_transposed:
                 k = self.op("Transpose", k, perm=[0, 1, 3, 2])
         q = self.op("Mul", q, self.const(site.scale or 1.0, self.dtype))
-        # s, nb = ceil(s / blk), tail = nb·blk - s (1-D int64 tensors)
         s = self.op("Gather", self.op("Shape", q), self.const([2]), axis=0)
-        blk_t = self.const([blk])
-        nb = self.op("Div", self.op("Add", s, self.const([blk - 1])), blk_t)
-        tail = self.op("Sub", self.op("Mul", nb, blk_t), s)
-        after = 1 if self.causal else 2  # neighbour blocks on each side, padded in
-        k_tail = self.op("Add", tail, self.const([blk * (after - 1)]))
+        nb, tail = self.blocks_of(s)
         q_blocks = self.op(
-            "Reshape", self.pad_seq(q, 0, tail, 2, 4), self.const([0, 0, -1, blk, h])
+            "Reshape", self.pad_seq(q, 0, tail, 2, 4), self.const([0, 0, -1, self.blk, h])
         )
-        k_n, v_n = (
-            self.neighbours(
-                self.op(
-                    "Reshape",
-                    self.pad_seq(t, blk, k_tail, 2, 4),
-                    self.const([0, 0, -1, blk, h]),
-                ),
-                2,
-            )
-            for t in (k, v)
-        )
-        width = (2 if self.causal else 3) * blk
-        scores = self.op("MatMul", q_blocks, self.op("Transpose", k_n, perm=[0, 1, 2, 4, 3]))
-        # key positions of the local part: j = b·blk + c - blk, shape (nb, 1, width)
-        starts = self.op(
-            "Mul",
-            self.op("Range", self.const(0), self.op("Reshape", nb, self.const([])), self.const(1)),
-            self.const(blk),
-        )
-        offsets = self.const(np.arange(width) - blk)
-        j = self.op("Add", self.op("Reshape", starts, self.const([-1, 1, 1])), offsets)
-        s_scalar = self.op("Reshape", s, self.const([]))
-        valid = self.op(
-            "And",
-            self.op("Less", j, s_scalar),
-            self.op("Not", self.op("Less", j, self.const(g))),
-        )
-        band = self.const(self._band(width), bool)
-        allowed = self.op("And", valid, band)  # (nb, blk, width)
-        mask = site.mask
-        parts_scores = [self._masked(scores, allowed, mask, local=True)]
-        if g:
-            k_g = self.op("Slice", k, self.const([0]), self.const([g]), self.const([2]))
-            k_g5 = self.op("Reshape", k_g, self.const([0, 0, 1, -1, h]))
-            g_scores = self.op("MatMul", q_blocks, self.op("Transpose", k_g5, perm=[0, 1, 2, 4, 3]))
-            g_allowed = None
-            if self.causal:
-                qpos = self.op(
-                    "Reshape",
-                    self.op(
-                        "Range",
-                        self.const(0),
-                        self.op("Mul", self.op("Reshape", nb, self.const([])), self.const(blk)),
-                        self.const(1),
-                    ),
-                    self.const([-1, blk, 1]),
-                )
-                g_allowed = self.op(
-                    "Not", self.op("Less", qpos, self.const(np.arange(g)[None, None, :]))
-                )
-                g_allowed = self.op("Slice", g_allowed, self.const([0]), s, self.const([2]))
-            parts_scores.append(self._masked(g_scores, g_allowed, mask, local=False))
-        all_scores = (
-            self.op("Concat", *parts_scores, axis=-1) if len(parts_scores) > 1 else parts_scores[0]
-        )
-        probs = self.op("Softmax", all_scores, axis=-1)
-        if g:
-            p_loc = self.op("Slice", probs, self.const([0]), self.const([width]), self.const([4]))
-            p_glob = self.op(
-                "Slice", probs, self.const([width]), self.const([_INT_MAX]), self.const([4])
-            )
-            v_g5 = self.op(
-                "Reshape",
-                self.op("Slice", v, self.const([0]), self.const([g]), self.const([2])),
-                self.const([0, 0, 1, -1, h]),
-            )
-            out5 = self.op("Add", self.op("MatMul", p_loc, v_n), self.op("MatMul", p_glob, v_g5))
-        else:
-            out5 = self.op("MatMul", probs, v_n)
-        out = self.op("Reshape", out5, self.const([0, 0, -1, h]))
-        out = self.op("Slice", out, self.const([g]), s, self.const([2]))
-        if g:
+        # every query block meets its neighbour key blocks, then the g global keys:
+        # (B, N, nb, width + g, H); scores (B, N, nb, blk, width + g)
+        keys, values = (self.block_keys(t, tail) for t in (k, v))
+        scores = self.op("MatMul", q_blocks, self.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))
+        probs = self.op("Softmax", self.masked(scores, s), axis=-1)
+        out = self.op("Reshape", self.op("MatMul", probs, values), self.const([0, 0, -1, h]))
+        out = self.op("Slice", out, self.const([self.g]), s, self.const([2]))
+        if self.g:
+            s_scalar = self.op("Reshape", s, self.const([]))
             out = self.op("Concat", self._global_rows(q, k, v, s_scalar), out, axis=2)
         if site.nan_guard:
             out = self.op("Where", self.op("IsNaN", out), self.const(0.0, self.dtype), out)
@@ -393,72 +400,125 @@ class _Builder:
                 out = self.op("Reshape", out, site.output_shape)
         self._swap_in(out)
 
-    def _band(self, width: int) -> np.ndarray:
+    def block_keys(self, t: gs.Tensor, tail: gs.Tensor) -> gs.Tensor:
+        """(B, N, L, H) keys or values -> (B, N, nb, width + g, H): neighbours, then globals."""
+        h = self.site.head_size
+        after = self.op("Add", tail, self.const([self.blk * (0 if self.causal else 1)]))
+        blocks = self.op(
+            "Reshape", self.pad_seq(t, self.blk, after, 2, 4), self.const([0, 0, -1, self.blk, h])
+        )
+        near = self.neighbours(blocks, 2)
+        if not self.g:
+            return near
+        glob = self.op("Slice", t, self.const([0]), self.const([self.g]), self.const([2]))
+        return self.with_globals(near, self.op("Unsqueeze", glob, self.const([2])), 3)
+
+    def masked(self, scores: gs.Tensor, s: gs.Tensor) -> gs.Tensor:
+        """Scores with the model's mask and the sparsity pattern (-inf outside) applied."""
+        mask = self.site.mask
+        seq = self.site.seq_lengths[0]
+        key = None
+        if seq is not None:
+            key = (id(self.site.graph), id(mask.tensor) if mask else None, self.causal, seq)
+        if key is None or key not in self.shared:
+            built = self._bias(s)
+            if key is not None:
+                self.shared[key] = built
+        replace, bias = self.shared[key] if key is not None else built
+        if replace is not None:
+            fill = self.const(mask.fill, self.dtype)
+            scores = self.op("Where", replace, *([scores, fill] if mask.attend else [fill, scores]))
+        return self.op("Add", scores, bias)
+
+    def _bias(self, s: gs.Tensor) -> tuple[gs.Tensor | None, gs.Tensor]:
+        """(boolean mask to Where with, or None; additive bias) in the blocked score layout."""
+        allowed = self.op("Unsqueeze", self._allowed(s), self.const([0, 1]))
+        mask = self.site.mask
+        if mask is None:
+            low = self.const(-np.inf, self.dtype)
+            return None, self.op("Where", allowed, self.const(0.0, self.dtype), low)
+        m = self._key_blocks(mask)
+        if mask.kind == "boolean":
+            low = self.const(-np.inf, self.dtype)
+            return m, self.op("Where", allowed, self.const(0.0, self.dtype), low)
+        return None, self.op("Where", allowed, m, self.const(-np.inf, self.dtype))
+
+    def _allowed(self, s: gs.Tensor) -> gs.Tensor:
+        """(nb, blk, width + min(g, s)) bool: which key of each query row the pattern keeps."""
+        nb, _ = self.blocks_of(s)
+        nb_scalar = self.op("Reshape", nb, self.const([]))
+        starts = self.op(
+            "Mul", self.op("Range", self.const(0), nb_scalar, self.const(1)), self.const(self.blk)
+        )
+        # key positions of the local part: j = b·blk + c - blk, shape (nb, 1, width)
+        j = self.op(
+            "Add",
+            self.op("Reshape", starts, self.const([-1, 1, 1])),
+            self.const(np.arange(self.width) - self.blk),
+        )
+        s_scalar = self.op("Reshape", s, self.const([]))
+        valid = self.op(
+            "And",
+            self.op("Less", j, s_scalar),
+            self.op("Not", self.op("Less", j, self.const(self.g))),  # globals come later
+        )
+        local = self.op("And", valid, self.const(self._band(), bool))  # (nb, blk, width)
+        if not self.g:
+            return local
+        keys = self.op("Min", s, self.const([self.g]))
+        if self.causal:  # query i sees global key j only when j <= i
+            qpos = self.op(
+                "Reshape",
+                self.op("Range", self.const(0), self.op("Mul", nb_scalar, self.const(self.blk)),
+                        self.const(1)),
+                self.const([-1, self.blk, 1]),
+            )  # fmt: skip
+            glob = self.op("Not", self.op("Less", qpos, self.const(np.arange(self.g)[None, None])))
+            glob = self.op("Slice", glob, self.const([0]), keys, self.const([2]))
+        else:
+            target = self.op("Concat", self.dims(local, 0, 2), keys, axis=0)
+            glob = self.op("Expand", self.const(np.ones((1, 1, 1), bool), bool), target)
+        return self.op("Concat", local, glob, axis=-1)
+
+    def _band(self) -> np.ndarray:
         """(blk, width) table: local key c of query row r lies in the window."""
         r = np.arange(self.blk)[:, None]
-        back = r + self.blk - np.arange(width)[None, :]  # i - j
+        back = r + self.blk - np.arange(self.width)[None, :]  # i - j
         if self.causal:
             ok = (back >= 0) & (back <= self.d * (self.w - 1))
         else:
             ok = np.abs(back) <= self.d * (self.w // 2)
         return ok & (back % self.d == 0)
 
-    def _masked(
-        self, scores: gs.Tensor, allowed: gs.Tensor | None, mask: Any, *, local: bool
-    ) -> gs.Tensor:
-        """Applies the model's key mask, then the structural pattern (-inf outside it)."""
-        if mask is not None:
-            scores = self._user_mask(scores, mask, local)
-        if allowed is None:
-            return scores
-        shaped = self.op("Unsqueeze", allowed, self.const([0, 1]))
-        bias = self.op(
-            "Where", shaped, self.const(0.0, self.dtype), self.const(-np.inf, self.dtype)
-        )
-        return self.op("Add", scores, bias)
-
-    def _user_mask(self, scores: gs.Tensor, mask: Any, local: bool) -> gs.Tensor:
-        """The model's mask, laid out like the local or the global-key scores and applied."""
+    def _key_blocks(self, mask: Any) -> gs.Tensor:
+        """The model's mask in the blocked score layout (B|1, N|1, nb|1, blk|1, width + g)."""
         shape = mask.shape
-        tensor = mask.tensor
         boolean = mask.kind == "boolean"
-        m4 = self._rank4(tensor, len(shape))
+        m4 = self._rank4(mask.tensor, len(shape))
         if len(shape) >= 2 and shape[-2] != 1:
-            m = self._per_query(m4, boolean, local)
-        elif shape[-1] == 1:
-            m = self.op("Reshape", m4, self.const([0, 0, 1, 1, 1]))
-        else:
-            if boolean:
-                m4 = self.op("Cast", m4, to=1)
-            if local:
-                s = self.op("Gather", self.op("Shape", m4), self.const([3]), axis=0)
-                blk = self.blk
-                nb = self.op("Div", self.op("Add", s, self.const([blk - 1])), self.const([blk]))
-                tail = self.op("Sub", self.op("Mul", nb, self.const([blk])), s)
-                tail = self.op("Add", tail, self.const([0 if self.causal else blk]))
-                padded = self.pad_seq(m4, blk, tail, 3, 4)
-                blocks = self.op("Reshape", padded, self.const([0, 0, -1, blk]))
-                near = self.neighbours(blocks, 2)
-                m = self.op("Reshape", near, self.const([0, 0, 0, 1, -1]))
-            else:
-                sliced = self.op(
-                    "Slice", m4, self.const([0]), self.const([self.g]), self.const([3])
-                )
-                m = self.op("Reshape", sliced, self.const([0, 0, 1, 1, -1]))
-            if boolean:
-                m = self.op("Cast", m, to=9)
-        if not boolean:
-            return self.op("Add", scores, m)
-        fill = self.const(mask.fill, self.dtype)
-        branches = [scores, fill] if mask.attend else [fill, scores]
-        return self.op("Where", m, *branches)
+            parts = [self._per_query(m4, boolean, local=True)]
+            if self.g:
+                parts.append(self._per_query(m4, boolean, local=False))
+            return self.op("Concat", *parts, axis=-1) if len(parts) > 1 else parts[0]
+        if shape[-1] == 1:
+            return self.op("Reshape", m4, self.const([0, 0, 1, 1, 1]))
+        if boolean:
+            m4 = self.op("Cast", m4, to=1)
+        blk = self.blk
+        _, tail = self.blocks_of(self.op("Gather", self.op("Shape", m4), self.const([3]), axis=0))
+        tail = self.op("Add", tail, self.const([0 if self.causal else blk]))
+        blocks = self.op("Reshape", self.pad_seq(m4, blk, tail, 3, 4), self.const([0, 0, -1, blk]))
+        m = self.op("Reshape", self.neighbours(blocks, 2), self.const([0, 0, 0, 1, -1]))
+        if self.g:
+            glob = self.op("Slice", m4, self.const([0]), self.const([self.g]), self.const([3]))
+            m = self.with_globals(m, self.op("Reshape", glob, self.const([0, 0, 1, 1, -1])), 4)
+        return self.op("Cast", m, to=9) if boolean else m
 
     def _split_rows(self, x: gs.Tensor) -> gs.Tensor:
         """(A, B, nb·blk, C) -> (A, B, nb, blk, C) for a dynamic C."""
-        shape = self.op("Shape", x)
-        lead = self.op("Slice", shape, self.const([0]), self.const([2]), self.const([0]))
-        last = self.op("Slice", shape, self.const([3]), self.const([4]), self.const([0]))
-        target = self.op("Concat", lead, self.const([-1, self.blk]), last, axis=0)
+        target = self.op(
+            "Concat", self.dims(x, 0, 2), self.const([-1, self.blk]), self.dims(x, 3, 4), axis=0
+        )
         return self.op("Reshape", x, target)
 
     def _per_query(self, m4: gs.Tensor, boolean: bool, local: bool) -> gs.Tensor:
@@ -466,15 +526,11 @@ class _Builder:
         blk = self.blk
         if boolean:
             m4 = self.op("Cast", m4, to=1)
-        s = self.op("Gather", self.op("Shape", m4), self.const([3]), axis=0)
-        nb = self.op("Div", self.op("Add", s, self.const([blk - 1])), self.const([blk]))
-        tail = self.op("Sub", self.op("Mul", nb, self.const([blk])), s)
+        nb, tail = self.blocks_of(self.op("Gather", self.op("Shape", m4), self.const([3]), axis=0))
         rows = self.pad_seq(m4, 0, tail, 2, 4)
         if local:
-            width = (2 if self.causal else 3) * blk
             back = self.op("Add", tail, self.const([0 if self.causal else blk]))
-            padded = self.pad_seq(rows, blk, back, 3, 4)
-            m5 = self._split_rows(padded)
+            m5 = self._split_rows(self.pad_seq(rows, blk, back, 3, 4))
             starts = self.op(
                 "Mul",
                 self.op(
@@ -485,14 +541,10 @@ class _Builder:
             index = self.op(
                 "Add",
                 self.op("Reshape", starts, self.const([-1, 1, 1])),
-                self.const(np.broadcast_to(np.arange(width), (1, blk, width))),
+                self.const(np.broadcast_to(np.arange(self.width), (1, blk, self.width))),
             )
-            lead = self.op(
-                "Slice", self.op("Shape", m5), self.const([0]), self.const([2]), self.const([0])
-            )
-            full = self.op("Concat", lead, self.op("Shape", index), axis=0)
-            index = self.op("Expand", index, full)
-            m = self.op("GatherElements", m5, index, axis=4)
+            full = self.op("Concat", self.dims(m5, 0, 2), self.op("Shape", index), axis=0)
+            m = self.op("GatherElements", m5, self.op("Expand", index, full), axis=4)
         else:
             cols = self.op("Slice", rows, self.const([0]), self.const([self.g]), self.const([3]))
             m = self._split_rows(cols)
@@ -503,9 +555,11 @@ class _Builder:
         h = self.site.head_size
         q_g = self.op("Slice", q, self.const([0]), self.const([self.g]), self.const([2]))
         q5 = self.op("Reshape", q_g, self.const([0, 0, 1, -1, h]))
-        k5 = self.op("Reshape", k, self.const([0, 0, 1, -1, h]))
+        # Kᵀ transposed at rank 4, where onnxruntime's Transpose is fast, then made rank 5
+        k_t = self.op("Transpose", k, perm=[0, 1, 3, 2])
+        k5 = self.op("Reshape", k_t, self.const([0, 0, 1, h, -1]))
         v5 = self.op("Reshape", v, self.const([0, 0, 1, -1, h]))
-        scores = self.op("MatMul", q5, self.op("Transpose", k5, perm=[0, 1, 2, 4, 3]))
+        scores = self.op("MatMul", q5, k5)
         mask = self.site.mask
         if mask is not None:
             scores = self._user_mask_dense(scores, mask)

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dsopt.backend import TVM_PIPELINE, Target, lower_tvm, run_library
 
 _HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+#: Per-block limits every sm_80+ GPU shares (TVM's own CUDA tags spell them; without them
+#: each schedule rule warns and assumes the same values).
+GPU_LIMITS = {
+    "max_shared_memory_per_block": 49152,
+    "max_threads_per_block": 1024,
+    "thread_warp_size": 32,
+    "registers_per_block": 65536,
+}
 #: Tensor Cores run fp16: the lossless pipeline, then weights and compute to float16.
 FP16_PIPELINE = f"{TVM_PIPELINE},convert-float16"
 
@@ -15,7 +23,7 @@ def _cuda(
     return Target(
         name=name or f"cuda-{arch.replace('_', '')}",
         summary=summary,
-        tvm={"kind": "cuda", "arch": arch, "host": dict(_HOST)},
+        tvm={"kind": "cuda", "arch": arch, **GPU_LIMITS, "host": dict(_HOST)},
         link="host",
         pipeline=FP16_PIPELINE,
         allow_lossy=True,

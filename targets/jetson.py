@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dsopt.backend import Target, lower_tvm, run_library
-from dsopt.targets.cuda import FP16_PIPELINE
+from dsopt.targets.cuda import FP16_PIPELINE, GPU_LIMITS
 
 JETSON_ORIN = Target(
     name="jetson-orin",
@@ -13,6 +13,7 @@ JETSON_ORIN = Target(
     tvm={
         "kind": "cuda",
         "arch": "sm_87",
+        **GPU_LIMITS,
         "host": {
             "kind": "llvm",
             "mtriple": "aarch64-linux-gnu",

@@ -1,8 +1,9 @@
 """Mixed-precision assignment (`--precision mixed`): a precision per weight within a budget.
 
 `sensitivity` measures each weight lowered alone (bytes, output error on calibration
-samples, cached); `assign` picks a precision per weight greedily by error per byte saved and
-verifies the combined model.
+samples, cached); `assign` picks a precision per weight greedily by predicted error energy
+per byte saved and verifies the combined model; `plot` draws the measured candidates'
+error vs size (the Pareto front) as a PNG beside report.json.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from dsopt.mixed.assign import (
     Budget,
     MixedResult,
+    Prediction,
     assign,
     check_error_budget,
     greedy,
     mixed_precision,
     parse_size_budget,
     target_candidates,
+    uniform_assignment,
 )
 from dsopt.mixed.sensitivity import (
     CANDIDATES,
@@ -25,6 +28,8 @@ from dsopt.mixed.sensitivity import (
     Unit,
     lower,
     measure,
+    output_errors,
+    upgrade_for_quantization,
     weight_units,
 )
 
@@ -34,6 +39,7 @@ __all__ = [
     "Candidate",
     "ErrorMeter",
     "MixedResult",
+    "Prediction",
     "SensitivityCache",
     "Unit",
     "assign",
@@ -42,7 +48,10 @@ __all__ = [
     "lower",
     "measure",
     "mixed_precision",
+    "output_errors",
     "parse_size_budget",
     "target_candidates",
+    "uniform_assignment",
+    "upgrade_for_quantization",
     "weight_units",
 ]

@@ -3,12 +3,17 @@
 Starting from float32 everywhere, each step takes the move (one unit to a smaller candidate)
 with the least predicted error increase per byte saved (or, once single moves can reach the
 size budget, the one of those with the least error); bytes left under the budget then buy
-back precision where the prediction gains most per byte. The prediction is additive: the
-relative L2 errors of the units' candidates add up (and so do `1 - cosine`). Size mode stops
-once the weights fit the budget; error mode keeps taking moves while the prediction stays
-within the error budget. The combined model is then measured on the calibration samples; if
-it misses the error budget, the moves that cost the most error are undone, a few rounds at
-most.
+back precision where the prediction gains most per byte. The prediction adds error
+*energies* (`Prediction`): squared relative L2 errors and cosine deficits of the units'
+candidates, as independent output noise does. Size mode stops once the weights fit the
+budget; error mode keeps taking moves while the prediction stays within the error budget.
+Every assignment is then measured on the calibration samples: in error mode the budget the
+prediction is held to is rescaled by measured / predicted error and greedy reruns, tighter
+after a miss and looser while there is room, a few rounds at most. The uniform presets
+(all fp16, all int8, the int4 preset) and greedy at a few sizes (`SWEEP_POINTS`, the Pareto
+plot's front) are measured too; of everything measured, the one
+meeting the budgets with the least error (size budget) or fewest bytes (error budget) is
+kept, so the result is never worse than a uniform precision that fits.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from dsopt.errors import UsageError
 from dsopt.ir import Module
 from dsopt.mixed.sensitivity import (
     CANDIDATES,
+    INT4_BLOCKS,
     TARGET_PRECISIONS,
+    Candidate,
     ErrorMeter,
     SensitivityCache,
     Unit,
     lower,
     measure,
+    quantize_options,
+    upgrade_for_quantization,
     weight_units,
 )
 from dsopt.pass_infra import PassContext
@@ -37,18 +46,22 @@ from dsopt.pass_infra import PassContext
 __all__ = [
     "Budget",
     "MixedResult",
+    "Prediction",
     "assign",
     "check_error_budget",
     "greedy",
     "mixed_precision",
     "parse_size_budget",
     "target_candidates",
+    "uniform_assignment",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Rounds of undoing moves when the combined model misses the error budget.
+#: Verification rounds in error mode (greedy rerun with a rescaled error budget).
 BACKOFF_ROUNDS = 6
+#: Extra greedy assignments measured at sizes between the smallest and fp16's, for the front.
+SWEEP_POINTS = 4
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1 << 20}
 _UNITS["GIB"] = 1 << 30
 
@@ -119,6 +132,8 @@ def target_candidates(precisions: Mapping[str, float] | None) -> tuple[str, ...]
     if precisions is None:
         return CANDIDATES
     allowed = {TARGET_PRECISIONS[k] for k in precisions if k in TARGET_PRECISIONS}
+    if "int4" in allowed:
+        allowed |= set(INT4_BLOCKS)
     return tuple(p for p in CANDIDATES if p in allowed | {"fp32"})
 
 
@@ -132,20 +147,76 @@ class Move:
     error: float
 
 
-def greedy(
-    units: Sequence[Unit], budget: Budget, *, banned: frozenset[tuple[str, str]] = frozenset()
-) -> tuple[dict[str, str], list[Move], list[tuple[int, float]]]:
-    """The greedy assignment: (unit -> precision, moves taken, path of (bytes, predicted error)).
+@dataclasses.dataclass
+class Prediction:
+    """The combined error the units' candidates predict: error energies add.
 
-    Moves are taken by least predicted error per byte saved. With a size budget, every state
-    on that path where one move alone would reach the budget also offers "finish with the
-    least-error such move"; the finished state with the least predicted error wins (a big
-    saving on a sensitive weight must not beat a few small ones). `banned` (unit,
-    precision) pairs are never taken.
+    Weights perturb the outputs by roughly independent noise, so squared relative L2 errors
+    add (the combined relative L2 is the root of the sum) and so do cosine deficits
+    (`1 - cos ~ rel^2 / 2` for small errors). Summing the relative L2 errors themselves would
+    predict n times too much for n weights of equal error (sqrt(n) times the root-sum-square)
+    and stop error mode far too early. `slack` scales the error budget the prediction is
+    held to: the verification's measured / predicted ratio corrects it.
+    """
+
+    energy: float = 0.0
+    deficit: float = 0.0
+
+    @staticmethod
+    def delta(now: Candidate, cand: Candidate) -> tuple[float, float]:
+        """(energy, deficit) added by moving a unit from `now` to `cand` (never negative)."""
+        return (
+            max(cand.rel_l2**2 - now.rel_l2**2, 0.0),
+            max(now.cosine - cand.cosine, 0.0),
+        )
+
+    @classmethod
+    def of(cls, units: Sequence[Unit], chosen: Mapping[str, str]) -> Prediction:
+        """The prediction of an assignment."""
+        out = cls()
+        for unit in units:
+            energy, deficit = cls.delta(unit.candidates["fp32"], unit.candidates[chosen[unit.name]])
+            out.energy += energy
+            out.deficit += deficit
+        return out
+
+    @property
+    def rel_l2(self) -> float:
+        """Predicted relative L2 error."""
+        return math.sqrt(self.energy)
+
+    def fits(self, budget: Budget, energy: float, deficit: float, slack: float) -> bool:
+        """Whether adding (energy, deficit) keeps the error budget (scaled by `slack`)."""
+        if budget.max_error is not None and self.energy + energy > (budget.max_error * slack) ** 2:
+            return False
+        return (
+            budget.min_cosine is None or self.deficit + deficit <= (1 - budget.min_cosine) * slack
+        )
+
+
+def _cost(energy: float, deficit: float) -> float:
+    """One error scale for ranking moves (2 * deficit ~ energy for small errors)."""
+    return energy + 2 * deficit
+
+
+def greedy(
+    units: Sequence[Unit],
+    budget: Budget,
+    *,
+    banned: frozenset[tuple[str, str]] = frozenset(),
+    slack: float = 1.0,
+) -> tuple[dict[str, str], list[Move], list[tuple[int, float]]]:
+    """The greedy assignment: (unit -> precision, moves taken, path of (bytes, predicted rel L2)).
+
+    Moves are taken by least predicted error energy per byte saved (`Prediction`). With a
+    size budget, every state on that path where one move alone would reach the budget also
+    offers "finish with the least-error such move"; the finished state with the least
+    predicted error wins (a big saving on a sensitive weight must not beat a few small
+    ones). `banned` (unit, precision) pairs are never taken; `slack` scales the error budget.
     """
     chosen = {u.name: "fp32" for u in units}
     total = sum(u.fp32_bytes for u in units)
-    rel = one_minus_cos = 0.0
+    state = Prediction()
     moves: list[Move] = []
     path = [(total, 0.0)]
     finished: list[tuple[float, dict[str, str], list[Move]]] = []
@@ -159,18 +230,12 @@ def greedy(
                 saved = now.bytes - cand.bytes
                 if saved <= 0 or (unit.name, precision) in banned:
                     continue
-                d_rel = max(cand.rel_l2 - now.rel_l2, 0.0)
-                d_cos = max(now.cosine - cand.cosine, 0.0)
-                if budget.max_error is not None and rel + d_rel > budget.max_error:
+                energy, deficit = Prediction.delta(now, cand)
+                if not state.fits(budget, energy, deficit, slack):
                     continue
-                if budget.min_cosine is not None and (
-                    one_minus_cos + d_cos > 1 - budget.min_cosine
-                ):
-                    continue
-                key = (d_rel + d_cos) / saved
-                if best is None or (key, -saved) < (best[0], -best[1]):
-                    best = (key, saved, unit, precision)
-                cost = d_rel + d_cos
+                cost = _cost(energy, deficit)
+                if best is None or (cost / saved, -saved) < (best[0], -best[1]):
+                    best = (cost / saved, saved, unit, precision)
                 if needed is not None and saved >= needed:
                     if finish is None or (cost, -saved) < (finish[0], -finish[1]):
                         finish = (cost, saved, unit, precision)
@@ -178,34 +243,40 @@ def greedy(
             cost, saved, unit, precision = finish
             now = unit.candidates[chosen[unit.name]]
             step = Move(unit.name, precision, saved, unit.candidates[precision].rel_l2 - now.rel_l2)
-            finished.append(
-                (rel + one_minus_cos + cost, {**chosen, unit.name: precision}, [*moves, step])
-            )
+            score = _cost(state.energy, state.deficit) + cost
+            finished.append((score, {**chosen, unit.name: precision}, [*moves, step]))
         if best is None:
             break
         _, saved, unit, precision = best
         now = unit.candidates[chosen[unit.name]]
         cand = unit.candidates[precision]
-        rel += max(cand.rel_l2 - now.rel_l2, 0.0)
-        one_minus_cos += max(now.cosine - cand.cosine, 0.0)
+        energy, deficit = Prediction.delta(now, cand)
+        state.energy += energy
+        state.deficit += deficit
         chosen[unit.name] = precision
         total -= saved
         moves.append(Move(unit.name, precision, saved, cand.rel_l2 - now.rel_l2))
-        path.append((total, rel))
+        path.append((total, state.rel_l2))
     if budget.size is not None and total <= budget.size:
-        finished.append((rel + one_minus_cos, chosen, moves))
+        finished.append((_cost(state.energy, state.deficit), chosen, moves))
     if finished:
         _, chosen, moves = min(finished, key=lambda option: option[0])
     return chosen, moves, path
 
 
-def assign(units: Sequence[Unit], budget: Budget) -> dict[str, str]:
+def assign(
+    units: Sequence[Unit],
+    budget: Budget,
+    *,
+    banned: frozenset[tuple[str, str]] = frozenset(),
+    slack: float = 1.0,
+) -> dict[str, str]:
     """The greedy assignment meeting `budget.size` (prediction only).
 
     Raises:
         UsageError: The size budget is below the smallest reachable size.
     """
-    chosen, _, _ = greedy(units, budget)
+    chosen, _, _ = greedy(units, budget, banned=banned, slack=slack)
     total = sum(u.candidates[chosen[u.name]].bytes for u in units)
     if budget.size is not None and total > budget.size:
         smallest = sum(min(c.bytes for c in u.candidates.values()) for u in units)
@@ -224,8 +295,8 @@ def assign(units: Sequence[Unit], budget: Budget) -> dict[str, str]:
 def _refine(units: Sequence[Unit], chosen: dict[str, str], budget: Budget) -> None:
     """Spends bytes greedy left under the size budget: moves units back to better candidates.
 
-    Takes the upgrade with the largest predicted error reduction per byte that still fits,
-    until none fits; the error budget's prediction can only improve.
+    Takes the upgrade with the largest predicted error-energy reduction per byte that still
+    fits, until none fits; the error budget's prediction can only improve.
     """
     assert budget.size is not None
     total = sum(u.candidates[chosen[u.name]].bytes for u in units)
@@ -235,7 +306,7 @@ def _refine(units: Sequence[Unit], chosen: dict[str, str], budget: Budget) -> No
             now = unit.candidates[chosen[unit.name]]
             for precision, cand in unit.candidates.items():
                 extra = cand.bytes - now.bytes
-                gain = now.rel_l2 - cand.rel_l2 + cand.cosine - now.cosine
+                gain = _cost(*Prediction.delta(cand, now))
                 if extra <= 0 or gain <= 0 or total + extra > budget.size:
                     continue
                 if best is None or gain / extra > best[0]:
@@ -326,6 +397,7 @@ def mixed_precision(
         UsageError: No weight to assign, no budget, or a budget that cannot be met.
     """
     base = module.clone()
+    notes = upgrade_for_quantization(base, precisions, ctx)
     units = weight_units(base)
     if not units:
         raise UsageError(
@@ -343,49 +415,149 @@ def mixed_precision(
     reference = base.to_proto()  # lowered from, and the outputs' reference
     meter = ErrorMeter(reference, list(calibration.limited(samples)))
     measure(base, units, precisions, meter, ctx, block_size=block_size, cache=cache)
-    chosen = assign(units, budget)
-    notes: list[str] = []
-    banned: set[tuple[str, str]] = set()
-    lowered, sizes = lower(reference, units, chosen, ctx, block_size=block_size)
-    rel, cos = meter.measure(lowered.to_proto())
-    pareto = [_point("greedy", sizes, rel, cos)]
+    chosen = assign(units, budget)  # raises when the size budget is out of reach
+    tried: list[_Tried] = []
+
+    def run(label: str, assignment: dict[str, str]) -> _Tried:
+        module, sizes = lower(reference, units, assignment, ctx, block_size=block_size)
+        rel, cos = meter.measure(module.to_proto())
+        entry = _Tried(label, dict(assignment), sizes, rel, cos, module)
+        tried.append(entry)
+        return entry
+
+    last = run("greedy", chosen)
+    slack = 1.0
     for _ in range(BACKOFF_ROUNDS):
-        if not budget.has_error or budget.error_ok(rel, cos):
+        if not budget.has_error:
             break
-        # Undo the worst moves: ban the most sensitive chosen candidates and rerun greedy.
-        worst = sorted(
-            (u for u in units if chosen[u.name] != "fp32"),
-            key=lambda u: -u.candidates[chosen[u.name]].rel_l2,
-        )
-        if not worst:
+        # Verification: rescale the error budget the prediction is held to by how far the
+        # prediction was off, tighter after a miss, looser while there is room.
+        predicted = Prediction.of(units, last.assignment)
+        ratios = []
+        if budget.max_error is not None:
+            ratios.append(_ratio(predicted.rel_l2, last.rel_l2))
+        if budget.min_cosine is not None:
+            ratios.append(_ratio(predicted.deficit, 1 - last.cosine))
+        ok = budget.error_ok(last.rel_l2, last.cosine)
+        new = min(ratios)
+        new = min(new, 0.8 * slack) if not ok else new
+        if ok and new <= slack * 1.05:
+            break  # no room worth another round
+        slack = new
+        try:
+            chosen = assign(units, budget, slack=slack)
+        except UsageError:
             break
-        for unit in worst[: max(1, len(worst) // 4)]:
-            banned.add((unit.name, chosen[unit.name]))
-        chosen, _, _ = greedy(units, budget, banned=frozenset(banned))
-        lowered, sizes = lower(reference, units, chosen, ctx, block_size=block_size)
-        rel, cos = meter.measure(lowered.to_proto())
-        pareto.append(_point("backoff", sizes, rel, cos))
-        notes.append(f"measured error over budget; undid {len(banned)} moves")
-    if budget.has_error and not budget.error_ok(rel, cos):
-        notes.append("error budget missed after back-off")
-        logger.warning("--precision mixed: error budget missed (rel L2 %.4g, cos %.5f)", rel, cos)
-    if budget.size is not None and sum(sizes.values()) > budget.size:
-        notes.append("size budget missed after back-off")
-        logger.warning("--precision mixed: size budget missed after backing off error")
-    for precision in precisions:
-        if precision == "fp32":
+        if any(t.assignment == chosen for t in tried):
+            if ok:
+                break
+            slack *= 0.5  # the same assignment missed: tighten harder
             continue
-        uniform = {u.name: precision for u in units if precision in u.candidates}
-        if uniform:
-            model, usizes = lower(reference, units, uniform, ctx, block_size=block_size)
-            urel, ucos = meter.measure(model.to_proto())
-            pareto.append(_point(f"uniform-{precision}", usizes, urel, ucos))
+        last = run("verified" if ok else "backoff", chosen)
+        notes.append(
+            f"measured rel L2 {tried[-2].rel_l2:.4g} {'within' if ok else 'over'} budget: "
+            f"prediction's error budget scaled by {slack:.3g}"
+        )
+    for precision in precisions:
+        if precision not in ("fp32", "int4-b128"):  # the presets' precisions
+            uniform = uniform_assignment(units, precision)
+            if set(uniform.values()) - {"fp32"}:
+                _ = run(f"uniform-{precision}", uniform)
+    # A few more points for the Pareto front (and the choice): greedy at sizes between the
+    # smallest reachable and uniform fp16's, whatever the budget.
+    smallest = sum(min(c.bytes for c in u.candidates.values()) for u in units)
+    for step in range(1, SWEEP_POINTS + 1):
+        size = int(smallest + (_fp32(units) / 2 - smallest) * step / (SWEEP_POINTS + 1))
+        try:
+            sweep = assign(units, Budget(size=size))
+        except UsageError:
+            continue
+        if all(t.assignment != sweep for t in tried):
+            _ = run("sweep", sweep)
+    best = _best(tried, budget)
+    if best is None:  # nothing meets the budgets: the last greedy try, with a warning
+        best = last
+        if budget.has_error and not budget.error_ok(best.rel_l2, best.cosine):
+            notes.append("error budget missed after back-off")
+            logger.warning(
+                "--precision mixed: error budget missed (rel L2 %.4g, cos %.5f)",
+                best.rel_l2,
+                best.cosine,
+            )
+        if budget.size is not None and sum(best.sizes.values()) > budget.size:
+            notes.append("size budget missed after back-off")
+            logger.warning("--precision mixed: size budget missed after backing off error")
+    elif best.label.startswith("uniform-"):
+        notes.append(f"{best.label} measured better than the greedy assignment; kept it")
+    pareto = [_point(t.label, t.sizes, t.rel_l2, t.cosine) for t in tried]
     pareto.append(_point("fp32", {u.name: u.fp32_bytes for u in units}, 0.0, 1.0))
+    pareto[tried.index(best)]["chosen"] = True
     _mark_front(pareto)
-    passes = _passes(chosen.values(), block_size)
+    passes = _passes(best.assignment.values(), block_size)
     return MixedResult(
-        lowered, units, chosen, sizes, budget, rel, cos, len(meter.feeds), pareto, notes, passes
+        best.module,
+        units,
+        best.assignment,
+        best.sizes,
+        budget,
+        best.rel_l2,
+        best.cosine,
+        len(meter.feeds),
+        pareto,
+        notes,
+        passes,
     )
+
+
+@dataclasses.dataclass
+class _Tried:
+    """An assignment lowered and measured on the calibration samples."""
+
+    label: str
+    assignment: dict[str, str]
+    sizes: dict[str, int]
+    rel_l2: float
+    cosine: float
+    module: Module
+
+
+def _ratio(predicted: float, measured: float) -> float:
+    """The slack under which the prediction reaches the budget where the measurement would.
+
+    Greedy holds the prediction to slack * budget; measured ~ predicted / ratio, so a slack
+    of predicted / measured lets the measured error reach the budget. Capped at 16x either way.
+    """
+    if measured <= 0:
+        return 16.0  # measured exact: loosen a lot
+    return min(max(predicted / measured, 1 / 16), 16.0) if predicted > 0 else 1.0
+
+
+def _best(tried: Sequence[_Tried], budget: Budget) -> _Tried | None:
+    """The measured assignment meeting every budget, None when none does.
+
+    Under a size budget the least error wins, else the fewest bytes.
+    """
+    ok = [
+        t
+        for t in tried
+        if budget.error_ok(t.rel_l2, t.cosine)
+        and (budget.size is None or sum(t.sizes.values()) <= budget.size)
+    ]
+    if not ok:
+        return None
+    if budget.size is not None:
+        return min(ok, key=lambda t: (t.rel_l2, 1 - t.cosine, sum(t.sizes.values())))
+    return min(ok, key=lambda t: (sum(t.sizes.values()), t.rel_l2))
+
+
+def uniform_assignment(units: Sequence[Unit], precision: str) -> dict[str, str]:
+    """What `--precision PRECISION` alone would store, per unit.
+
+    Each unit at `precision` where it is a candidate; for int4 (as the preset) int8 where
+    int4 is not (Conv); else float32.
+    """
+    order = (precision, "int8") if precision == "int4" else (precision,)
+    return {u.name: next((p for p in order if p in u.candidates), "fp32") for u in units}
 
 
 def _point(label: str, sizes: Mapping[str, int], rel: float, cos: float) -> dict[str, Any]:
@@ -413,8 +585,7 @@ def _passes(precisions: Any, block_size: int | None) -> list[Any]:
     out: list[Any] = []
     if "fp16" in used:
         out.append(ConvertFloat16())
-    if "int8" in used:
-        out.append(QuantizeWeights(bits=8))
-    if "int4" in used:
-        out.append(QuantizeWeights(bits=4, block_size=block_size or 32))
+    for precision in ("int8", *INT4_BLOCKS):
+        if precision in used:
+            out.append(QuantizeWeights(**quantize_options(precision, block_size)))
     return out

@@ -31,6 +31,7 @@ from dsopt.pattern import read_constant, topological_order
 
 __all__ = [
     "CANDIDATES",
+    "INT4_BLOCKS",
     "TARGET_PRECISIONS",
     "Candidate",
     "ErrorMeter",
@@ -38,18 +39,26 @@ __all__ = [
     "Unit",
     "lower",
     "measure",
+    "output_errors",
+    "quantize_options",
+    "upgrade_for_quantization",
     "weight_units",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Candidate precisions, widest first.
-CANDIDATES = ("fp32", "fp16", "int8", "int4")
+#: Candidate precisions, widest first. `int4` has blocks of `--block-size` (default 32);
+#: `int4-b128` blocks of 128: a quarter of the scale bytes (4.25 instead of 5 bits per
+#: weight) for a little more error, so that insensitive weights can pay for sensitive ones
+#: even at the size of uniform int4 (where every weight is already at int4 or int8).
+CANDIDATES = ("fp32", "fp16", "int8", "int4", "int4-b128")
+#: Block size of each int4 candidate (None: `--block-size`, default 32).
+INT4_BLOCKS = {"int4": None, "int4-b128": 128}
 #: `Target.precisions` keys -> candidates.
 TARGET_PRECISIONS = {"float32": "fp32", "float16": "fp16", "int8": "int8", "int4-weight": "int4"}
 #: Weight input index per weight-bearing op.
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
-_INT4_OPS = frozenset({"MatMul", "Gemm", "Gather"})
+_INT4_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"})
 
 
 @dataclasses.dataclass
@@ -129,7 +138,7 @@ def weight_units(module: Module) -> list[Unit]:
 
 def allowed(unit: Unit, precision: str) -> bool:
     """Whether `precision` is a candidate for `unit` (before trying it)."""
-    if precision == "int4":
+    if precision in INT4_BLOCKS:
         return unit.op in _INT4_OPS
     if precision == "fp16":
         return unit.main_graph
@@ -179,13 +188,11 @@ def lower(
             weight = node.inputs[_WEIGHT_INPUT[node.op]] if node is not None else None
             if weight is not None and weight.dtype == np.float16:  # else the pass kept it
                 sizes[unit.name] = 2 * unit.elements
-    for precision, bits in (("int4", 4), ("int8", 8)):
+    for precision in (*INT4_BLOCKS, "int8"):
         chosen = by_precision.get(precision, [])
         if not chosen:
             continue
-        options: dict[str, Any] = {"bits": bits}
-        if bits == 4 and block_size is not None:
-            options["block_size"] = block_size
+        options = quantize_options(precision, block_size)
         # One unit at a time, every other weight-bearing node excluded: the pass's byte
         # count is then that unit's.
         for unit in chosen:
@@ -194,6 +201,45 @@ def lower(
             if int(stats.get("weights", 0)):
                 sizes[unit.name] = int(stats["bytes-after"])
     return clone, sizes
+
+
+def quantize_options(precision: str, block_size: int | None) -> dict[str, Any]:
+    """quantize-weights options of an int8/int4 candidate."""
+    if precision == "int8":
+        return {"bits": 8}
+    block = INT4_BLOCKS[precision] or block_size
+    return {"bits": 4, **({"block_size": block} if block is not None else {})}
+
+
+def upgrade_for_quantization(
+    module: Module, precisions: Sequence[str], ctx: PassContext
+) -> list[str]:
+    """Raises `module`'s opset in place so that quantize-weights can lower its weights.
+
+    Per-channel int8 needs opset 13 and int4 blocks opset 21; below 13 the pass leaves every
+    weight float, so int8/int4 would never be candidates (PP-OCR models are opset 11-12).
+    Upgrading once here, not in each lowered clone, also spares a converter run per
+    candidate. Goes as high as the target allows; returns notes for the report.
+    """
+    int4 = bool(set(INT4_BLOCKS) & set(precisions))
+    wanted = [21, 13] if int4 else [13]
+    if not (int4 or "int8" in precisions) or module.opset >= wanted[0]:
+        return []
+    from dsopt.passes.upgrade_opset import UpgradeOpset
+
+    before = module.opset
+    for opset in wanted:
+        if module.opset >= opset or (ctx.max_opset is not None and ctx.max_opset < opset):
+            continue
+        try:
+            _run(module, UpgradeOpset(to=opset), ctx)
+        except Exception as e:  # noqa: BLE001 - a model the converter cannot take stays
+            logger.info("opset %d -> %d failed: %s", module.opset, opset, e)
+        if module.opset >= opset:
+            break
+    if module.opset == before:
+        return [] if before >= 13 else [f"opset {before} kept: no int8/int4 candidates"]
+    return [f"opset {before} -> {module.opset} for quantized weights"]
 
 
 def _run(module: Module, pass_: Any, ctx: PassContext) -> Mapping[str, Any]:
@@ -232,12 +278,13 @@ class ErrorMeter:
     def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
         """(worst relative L2 error, worst cosine) over the float outputs, feeds pooled."""
         self.runs += 1
-        return _errors(self.reference, self._outputs(model))
+        return output_errors(self.reference, self._outputs(model))
 
 
-def _errors(
-    reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]
+def output_errors(
+    reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]]
 ) -> tuple[float, float]:
+    """(worst relative L2, worst cosine) over the float outputs; per output, feeds pooled."""
     worst_rel, worst_cos = 0.0, 1.0
     for index in range(len(reference[0])):
         if reference[0][index].dtype.kind != "f":
@@ -317,6 +364,8 @@ def measure(
         for precision in precisions:
             if precision == "fp32" or not allowed(unit, precision):
                 continue
+            if INT4_BLOCKS.get(precision) and (block_size or 32) >= INT4_BLOCKS[precision]:
+                continue  # no smaller than `int4` itself
             key = SensitivityCache.key(sha, unit.name, precision, samples)
             candidate = cache.get(key)
             if candidate is None:

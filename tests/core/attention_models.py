@@ -153,6 +153,13 @@ def build(spec: Spec, seed: int = 0) -> onnx.ModelProto:
         fill = const(np.array(_MIN, np.float32))
         branches = [scores, fill] if kind == "boolean" else [fill, scores]
         scores = op("Where", ["mask", *branches])
+    elif kind == "expanded":
+        # transformers: Where(Expand(And(ones(1,1,S,1), pad(B,1,1,L)), (B,1,S,L)), 0, min)
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, [b, 1, 1, s]))
+        both = op("And", [const(np.ones((1, 1, s, 1), bool)), "mask"])
+        wide = op("Expand", [both, const(np.array([b, 1, s, s], np.int64))])
+        zero, low = const(np.array(0.0, np.float32)), const(np.array(_MIN, np.float32))
+        scores = op("Add", [scores, op("Where", [wide, zero, low])])
     elif kind == "causal-const":
         scores = op("Add", [scores, const(np.where(tri, 0, _MIN).astype(np.float32))])
     elif kind == "causal-bool":

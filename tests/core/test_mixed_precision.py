@@ -13,14 +13,17 @@ from dsopt.driver import optimize
 from dsopt.errors import UsageError
 from dsopt.ir import Module
 from dsopt.mixed import (
+    CANDIDATES,
     Budget,
     ErrorMeter,
+    Prediction,
     SensitivityCache,
     assign,
     lower,
     measure,
     mixed_precision,
     parse_size_budget,
+    uniform_assignment,
     weight_units,
 )
 from dsopt.pass_infra import PassContext
@@ -108,6 +111,7 @@ def test_size_budget_is_met_on_an_mlp():
     assert entry["bytes"] <= entry["budget"]["size"]
     assert {"int8", "int4"} <= set(entry["nodes"][1]["sensitivity"])
     assert any(p["label"] == "uniform-int4" for p in entry["pareto"])
+    assert sum(p["label"] == "sweep" for p in entry["pareto"]) >= 2  # more of the front
     assert any(p["pareto"] for p in entry["pareto"])
     json.dumps(entry)
 
@@ -120,7 +124,7 @@ def test_mixed_beats_uniform_int4_where_one_layer_is_sensitive():
     uniform = mixed_precision(module, CalibrationData.from_feeds(feeds), Budget(), ctx,
                               size_budget="1.0")  # fmt: skip
     int4 = next(p for p in uniform.pareto if p["label"] == "uniform-int4")
-    # At uniform int4's size every weight must be int4: the same error, never worse.
+    # At uniform int4's size (every weight at its smallest but int4-b128): never worse.
     same = mixed_precision(
         module, CalibrationData.from_feeds(feeds), Budget(), ctx, size_budget=f"{int4['bytes']}B"
     )
@@ -258,3 +262,49 @@ def test_cli_mixed_and_bad_budget(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines[0].startswith("dsopt: error: --size-budget")
     assert "Traceback" not in "\n".join(lines)
+
+
+def test_error_mode_at_uniform_int8_error_is_no_larger_than_int8():
+    """Errors of several weights add as energies: at int8's measured error, greedy reaches
+    int8's size or less (a sum of relative L2 errors would stop it far above)."""
+    model = _mlp(seed=3)
+    feeds, ctx = _feeds(), PassContext()
+    module = Module.from_proto(model)
+    units = weight_units(module)
+    meter = ErrorMeter(model, feeds)
+    measure(module, units, CANDIDATES, meter, ctx)
+    int8 = uniform_assignment(units, "int8")
+    lowered, sizes = lower(model, units, int8, ctx)
+    measured = meter.measure(lowered.to_proto())[0]
+    predicted = Prediction.of(units, int8).rel_l2
+    linear = sum(u.candidates["int8"].rel_l2 for u in units)
+    assert abs(predicted - measured) < abs(linear - measured)
+    assert 0.5 < predicted / measured < 1.5
+    result = mixed_precision(
+        module, CalibrationData.from_feeds(feeds), Budget(max_error=measured), ctx
+    )
+    assert result.rel_l2 <= measured
+    assert result.total_bytes <= sum(sizes.values())
+    chosen = [p for p in result.pareto if p.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["bytes"] == result.total_bytes
+
+
+def test_old_opset_is_upgraded_so_weights_can_be_quantized():
+    model = _mlp()
+    model.opset_import[0].version = 11  # per-channel DequantizeLinear needs 13
+    result = optimize(model, precision="mixed", calibration=_feeds(2), size_budget="0.3")
+    assert {"int8", "int4", "int4-b128"} & set(result.mixed.assignment.values())
+    assert any("opset 11 ->" in note for note in result.mixed.notes)
+    assert result.model.opset_import[0].version >= 13
+
+
+def test_int4_with_larger_blocks_is_a_smaller_candidate():
+    module = Module.from_proto(_mlp())
+    units = weight_units(module)
+    meter = ErrorMeter(module.to_proto(), _feeds(2))
+    measure(module, units, CANDIDATES, meter, PassContext())
+    mm1 = next(u for u in units if u.name == "mm1")  # K = 128
+    assert mm1.candidates["int4-b128"].bytes < mm1.candidates["int4"].bytes
+    # With --block-size 128 already, the variant would be no smaller: not offered.
+    measure(module, units, CANDIDATES, meter, PassContext(), block_size=128)
+    assert all("int4-b128" not in u.candidates for u in units)

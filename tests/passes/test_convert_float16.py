@@ -58,6 +58,9 @@ def test_declares_a_lossy_precision_pass():
     assert {o.name: o.default for o in ConvertFloat16.options()} == {
         "keep_io_types": True,
         "block_ops": "",
+        "samples": 16,
+        "headroom": 16.0,
+        "calibrated_unblock": False,
     }
     assert {"Exp", "Pow", "ReduceSum", "GlobalAveragePool", "Range"} <= set(DEFAULT_BLOCK_OPS)
     assert "Softmax" not in DEFAULT_BLOCK_OPS and "LayerNormalization" not in DEFAULT_BLOCK_OPS

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import numpy as np
 import onnx.parser
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
 from dsopt.ir import Module
 from dsopt.passes import FoldBiasAdd
@@ -138,6 +140,7 @@ def test_explain_says_which_axis_varies():
 
 _FUSABLE = st.one_of(
     strategies.models(containing=("Conv", "Add")),
+    strategies.models(containing=("ConvTranspose", "Add")),
     strategies.models(containing=("Gemm", "Add")),
 )
 
@@ -149,3 +152,37 @@ def test_property(model):
     count = sum(result.stats.values())
     assert op_types(rewritten.graph).count("Add") == op_types(model.graph).count("Add") - count
     assert [o.name for o in rewritten.graph.output] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_transpose_bias_then_batch_norm_folds_completely(group):
+    """Paddle's ConvTranspose -> Add(bias) -> BN (PP-OCR det's head) becomes one ConvTranspose."""
+    from dsopt.passes.fuse_batch_norm import FuseBatchNorm
+
+    rng = np.random.default_rng(group)
+    w = rng.standard_normal((4, 6 // group, 2, 2)).astype(np.float32)
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("ConvTranspose", ["x", "w"], ["t"], strides=[2, 2], group=group),
+                helper.make_node("Add", ["t", "c"], ["a"]),
+                helper.make_node("BatchNormalization", ["a", "s", "b", "m", "v"], ["y"]),
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 6, 6])],
+            [
+                numpy_helper.from_array(w, "w"),
+                numpy_helper.from_array(rng.standard_normal((1, 6, 1, 1)).astype("f4"), "c"),
+                *(
+                    numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype("f4"), n)
+                    for n in ("s", "b", "m", "v")
+                ),
+            ],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    folded, result = check_pass(FoldBiasAdd(), model)
+    assert fired(result.stats) == {"conv-add": 1}
+    fused, _ = check_pass(FuseBatchNorm(), folded)
+    assert op_types(fused.graph) == ["ConvTranspose"]

@@ -75,6 +75,8 @@ def test_golden_stats(case, expected, after):
 _RULE_NAMES = {
     "int8-per-channel",
     "blocked-qdq",
+    "conv-blocked-qdq",
+    "conv-per-channel-qdq",
     "matmul-nbits",
     "embedding",
     "gather-block-quantized",
@@ -133,6 +135,18 @@ def _restored(value: np.ndarray, node: onnx.NodeProto, opts: QuantizeWeights) ->
         return dequantize(q, s.reshape(shape), z.reshape(shape))
     axis = 1 if trans_b else 0
     grid = Grid(opts.bits, opts.symmetric)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        # blocks along the input channels of a group once it has 16; else a scale per index
+        # of axis 0 (Conv: output channel, ConvTranspose: input channel)
+        conv = node.op_type == "Conv"
+        depth = value.shape[1] if conv else value.shape[0] // int(attrs.get("group", 1))
+        axis = 1 if conv else 0
+        if depth < 16:
+            flat = value.reshape(value.shape[0], -1)
+            q, s, z = quantize_blocks(
+                flat, 1, flat.shape[1], grid, symmetric=opts.symmetric, method=opts.method
+            )
+            return dequantize(q, s, 0 if z is None else z).reshape(value.shape)
     q, s, z = quantize_blocks(
         value, axis, opts.block_size, grid, symmetric=opts.symmetric, method=opts.method
     )
@@ -214,6 +228,7 @@ def test_property_int8(model, symmetric):
 _LOW_BIT_MODELS = st.one_of(
     strategies.models(containing=("MatMul",), ops=CONTINUOUS_OPS),
     strategies.models(containing=("Gemm",), ops=CONTINUOUS_OPS),
+    strategies.models(containing=("Conv",), ops=CONTINUOUS_OPS),
 )
 _VARIANTS = st.builds(
     dict,
@@ -566,6 +581,138 @@ def test_conv_transpose_uses_the_output_channel_axis():
     (dq,) = [n for n in rewritten.graph.node if n.op_type == "DequantizeLinear"]
     assert helper.get_attribute_value(dq.attribute[0]) == 1
     assert_equals_reference(model, rewritten, QuantizeWeights())
+
+
+def _conv_net(rng, opset=17, width=64):
+    """x [1, 3, 8, 8]: an RGB stem, a regular, a depthwise and a grouped Conv, then a
+    ConvTranspose and a depthwise ConvTranspose; (model, site counts per rule)."""
+    shapes = {
+        "stem": ((width, 3, 3, 3), {"pads": [1, 1, 1, 1]}),  # I/g 3: per channel
+        "regular": ((40, width, 3, 3), {"pads": [1, 1, 1, 1]}),  # blocks of 32 (+ 32 partial)
+        "depthwise": ((40, 1, 3, 3), {"pads": [1, 1, 1, 1], "group": 40}),
+        "grouped": ((32, 20, 1, 1), {"group": 2}),  # I/g 20: one partial block
+    }
+    nodes, inits, current = [], [], "x"
+    for name, (shape, attrs) in shapes.items():
+        w = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        w[0] *= 8  # one output channel with a much larger range
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        nodes.append(helper.make_node("Conv", [current, f"{name}_w"], [name], name, **attrs))
+        current = name
+    for name, shape, group in (("up", (32, 8, 2, 2), 1), ("up_dw", (8, 1, 2, 2), 8)):
+        w = (rng.standard_normal(shape) / np.sqrt(shape[0] // group)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        nodes.append(
+            helper.make_node(
+                "ConvTranspose", [current, f"{name}_w"], [name], name, strides=[2, 2], group=group
+            )
+        )
+        current = name
+    nodes[-1].output[0] = "y"
+    model = _model(nodes, [_f("x", [1, 3, 8, 8])], [_f("y", [1, 8, 32, 32])], inits, opset)
+    return model, {"conv-blocked-qdq": 3, "conv-per-channel-qdq": 3}
+
+
+def _dq_attrs(model: onnx.ModelProto) -> dict[str, dict]:
+    """The attributes of each DequantizeLinear, by the node reading its output."""
+    readers = {i: n.name for n in model.graph.node for i in n.input}
+    return {
+        readers[n.output[0]]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear"
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"bits": 4},
+        {"bits": 4, "symmetric": False, "method": "hqq"},
+        {"bits": 4, "block_size": 16, "format": "ort"},
+        {"bits": 2, "symmetric": False},
+    ],
+)
+def test_low_bit_conv_net_runs_and_equals_the_reference(variant):
+    """Regular, depthwise, grouped and transposed Convs: onnxruntime loads and runs the
+    blocked / per-channel sub-byte DequantizeLinear and matches dequantize(quantize(w))."""
+    model, expected = _conv_net(np.random.default_rng(30))
+    opts = QuantizeWeights(**variant)
+    rewritten, result = assert_contract(opts, model)
+    assert {k: v for k, v in fired(result.stats).items() if k in _RULE_NAMES} == expected
+    assert result.stats["opset"] == {4: 21, 2: 25}[opts.bits]
+    assert op_types(rewritten.graph).count("DequantizeLinear") == 6
+    block = {"block_size": opts.block_size}
+    assert _dq_attrs(rewritten) == {
+        "stem": {"axis": 0},
+        "regular": {"axis": 1, **block},
+        "depthwise": {"axis": 0},
+        "grouped": {"axis": 1, **block},
+        "up": {"axis": 0, **block},
+        "up_dw": {"axis": 0},
+    }
+    storage = {4: (TensorProto.INT4, TensorProto.UINT4), 2: (TensorProto.INT2, TensorProto.UINT2)}
+    wanted = storage[opts.bits][0 if opts.symmetric else 1]
+    quantized = [t for t in rewritten.graph.initializer if t.name.endswith("_w_quantized")]
+    assert len(quantized) == 6 and {t.data_type for t in quantized} == {wanted}
+    assert_equals_reference(model, rewritten, opts)
+
+
+def test_low_bit_conv_shrinks_5x():
+    """Blocks of 32 along input channels: 4 + 32/32 bits per weight, about 0.16 of fp32."""
+    rng = np.random.default_rng(31)
+    w = (rng.standard_normal((64, 128, 3, 3)) / 30).astype(np.float32)
+    model = _model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        [_f("x", [1, 128, 4, 4])],
+        [_f("y", [1, 64, 4, 4])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    rewritten, result = check_pass(QuantizeWeights(bits=4), model)
+    assert result.stats["conv-blocked-qdq"] == 1
+    assert result.stats["bytes-after"] < 0.2 * result.stats["bytes-before"]
+    assert _weight_bytes(rewritten) < 0.2 * _weight_bytes(model)
+    net, _ = _conv_net(rng, width=256)  # with its per-channel convs, still under 0.2
+    _, result = apply_pass(QuantizeWeights(bits=4), net)
+    assert result.stats["bytes-after"] < 0.2 * result.stats["bytes-before"], result.stats
+
+
+def test_opset_11_conv_net_is_converted_and_quantized():
+    model, expected = _conv_net(np.random.default_rng(32), opset=11)
+    opts = QuantizeWeights(bits=4)
+    assert opts.applies_to(11) and QuantizeWeights().applies_to(11)
+    rewritten, result = assert_contract(opts, model)
+    assert rewritten.opset_import[0].version == 21 and result.stats["opset"] == 21
+    assert result.stats["conv-blocked-qdq"] == expected["conv-blocked-qdq"]
+    assert_equals_reference(model, rewritten, opts)
+    # int8 raises the model to 13, where per-axis DequantizeLinear exists
+    int8, result = apply_pass(QuantizeWeights(), model)
+    assert result.changed and result.stats["opset"] == 13
+    assert result.stats["int8-per-channel"] == sum(expected.values())
+    assert int8.opset_import[0].version == 13
+
+
+def test_conv_stays_float_when_the_opset_cannot_be_raised():
+    """onnxruntime at opset 17 at most: MatMul falls back to MatMulNBits, Conv stays float."""
+    rng = np.random.default_rng(33)
+    model, _ = _conv_net(rng)
+    ctx = PassContext(target="onnxruntime", max_opset=17)
+    rewritten, result = apply_pass(QuantizeWeights(bits=4), model, ctx)
+    assert not result.changed and result.stats["skipped-opset"] == 6
+    assert rewritten.opset_import[0].version == 17
+    mlp = _mlp(rng, sizes=(64, 32), opset=11)  # below 13, not raisable: nothing at all
+    _, result = apply_pass(QuantizeWeights(bits=4), mlp, PassContext(max_opset=12))
+    assert not result.changed and result.stats["skipped-opset"] == 1
+
+
+def test_gptq_conv_takes_hqq_blocks():
+    rng = np.random.default_rng(34)
+    model, expected = _conv_net(rng)
+    feeds = [random_feeds(model, seed=i) for i in range(2)]
+    opts = QuantizeWeights(bits=4, method="gptq")
+    rewritten, result = assert_contract(opts, model, _gptq_ctx(feeds))
+    assert result.stats["gptq-fallback"] == 6 and result.stats["gptq"] == 0
+    assert result.stats["conv-per-channel-qdq"] == expected["conv-per-channel-qdq"]
+    assert_equals_reference(model, rewritten, QuantizeWeights(bits=4, method="hqq"), feeds[0])
 
 
 def test_low_bit_runs_leave_an_int8_pass_nothing_to_redo():

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dsopt.errors import UsageError
 from dsopt.pass_infra import PassContext
+from dsopt.passes.eliminate_dead import EliminateDead
 from dsopt.passes.sparse_attention import SparseAttention
 from dsopt.testing import apply_pass, check_pass, fired
 from dsopt.testing.golden import golden_cases, run_golden
@@ -92,7 +93,35 @@ def _dynamic(n=2, h=4, causal=False, mask=False, seed=0):
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d])]
     last = "scores"
-    if mask:
+    if mask == "expanded":  # transformers' dynamic export: ones(1,1,S,1) & mask, expanded
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", 1, 1, "S"]))
+        nodes += [
+            helper.make_node("Shape", ["x"], ["xs"]),
+            helper.make_node("Slice", ["xs", "i1", "i2"], ["s1"]),
+            helper.make_node("Concat", ["i11", "s1", "i1"], ["ones_shape"], axis=0),
+            helper.make_node(
+                "ConstantOfShape",
+                ["ones_shape"],
+                ["ones"],
+                value=numpy_helper.from_array(np.array([1], np.bool_)),
+            ),
+            helper.make_node("And", ["ones", "mask"], ["both"]),
+            helper.make_node("Slice", ["xs", "i0", "i1"], ["b1"]),
+            helper.make_node("Concat", ["b1", "i1", "s1", "s1"], ["wide_shape"], axis=0),
+            helper.make_node("Expand", ["both", "wide_shape"], ["wide"]),
+            helper.make_node("Where", ["wide", "zero", "low"], ["bias"]),
+            helper.make_node("Add", [last, "bias"], ["masked"]),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array(v, np.int64), n)
+            for n, v in (("i0", [0]), ("i1", [1]), ("i2", [2]), ("i11", [1, 1]))
+        ]
+        inits += [
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(-10000.0, np.float32), "low"),
+        ]
+        last = "masked"
+    elif mask:
         inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", 1, 1, "S"]))
         nodes.append(helper.make_node("Add", [last, "mask"], ["masked"]))
         last = "masked"
@@ -211,8 +240,9 @@ def test_option_validation(options):
 @st.composite
 def _covering(draw):
     spelling = draw(st.sampled_from(("legacy", "div", "sqrt-split", "bnsh", "bnsh-kt")))
-    mask = draw(st.sampled_from((None, "additive", "boolean", "causal-const", "causal-trilu")))
-    if spelling.startswith("bnsh") and mask in ("additive", "boolean"):
+    masks = (None, "additive", "boolean", "expanded", "causal-const", "causal-trilu")
+    mask = draw(st.sampled_from(masks))
+    if spelling.startswith("bnsh") and mask in ("additive", "boolean", "expanded"):
         mask = None
     spec = Spec(
         batch=draw(st.integers(1, 2)),
@@ -265,3 +295,106 @@ def test_per_query_mask_matches_reference(causal):
     pattern = _pattern(10, 4, 2, causal)
     feed_ref = dict(feed, mask=np.where(pattern, feed["mask"], -np.inf).astype(np.float32))
     np.testing.assert_allclose(_run(rewritten, feed), _run(model, feed_ref), atol=2e-5)
+
+
+def test_expanded_padding_mask_is_recomputed_per_key():
+    """transformers' (B, 1, S, S) broadcast of a key padding mask becomes (B, 1, 1, L)."""
+    model = build(Spec(seq=10, mask="expanded", heads=2, size=4))
+    feed = feeds(model)
+    sparse = SparseAttention(window=4, global_tokens=2, block=4)
+    rewritten, result = apply_pass(sparse, model)
+    assert fired(result.stats) == {"sites-rewritten": 1, "masks-per-key": 1}
+    assert not any(n.op_type == "GatherElements" for n in rewritten.graph.node)
+    wide = next(n.output[0] for n in model.graph.node if n.op_type == "Expand")
+    pruned, _ = apply_pass(EliminateDead(), rewritten)
+    assert wide not in {o for n in pruned.graph.node for o in n.output}  # (B, 1, S, S) is gone
+    # reference: the dense model with the pattern folded into its key mask
+    keep = feed["mask"] & _pattern(10, 4, 2, False)[None, None]
+    masked = onnx.load_from_string(model.SerializeToString())
+    expand = next(n for n in masked.graph.node if n.op_type == "Expand")
+    expand.input[0] = "full"
+    masked.graph.input.append(helper.make_tensor_value_info("full", TensorProto.BOOL, None))
+    want = _run(masked, dict(feed, full=keep))
+    np.testing.assert_allclose(_run(rewritten, feed), want, atol=2e-5)
+
+
+def test_mask_with_differing_rows_is_not_reduced():
+    """A causal constant varies over queries: it keeps the blockwise (S, S) path."""
+    model = build(Spec(seq=8, mask="causal-const"))
+    _, result = apply_pass(SparseAttention(window=4, global_tokens=1, block=4), model)
+    assert result.stats["sites-rewritten"] == 1
+    assert result.stats["masks-per-key"] == 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        Spec(seq=10, mask="expanded", opset=17),  # -> com.microsoft MultiHeadAttention
+        Spec(seq=10, mask="additive", opset=23),  # -> ONNX Attention, additive attn_mask
+        Spec(seq=10, mask="causal-bool", opset=23),  # -> ONNX Attention, is_causal
+    ],
+    ids=["mha-expanded", "attention23-additive", "attention23-causal"],
+)
+def test_fused_attention_nodes_are_expanded(spec):
+    """fuse-attention's single nodes (or a model that came fused) still become sparse."""
+    from dsopt.passes.fuse_attention import FuseAttention
+    from dsopt.targets.onnxruntime import CONTRIB_OPS
+
+    model = build(spec)
+    feed = feeds(model)
+    fused, result = apply_pass(FuseAttention(), model, PassContext(fused_ops=CONTRIB_OPS))
+    assert sum(v for k, v in result.stats.items() if not k.startswith("skipped")) == 1
+    covering = SparseAttention(window=32, global_tokens=1, block=16)
+    check_pass(covering, fused, feeds=feed)  # the window covers the sequence: dense result
+    narrow = SparseAttention(window=4, global_tokens=2, block=4)
+    from_fused, stats = apply_pass(narrow, fused)
+    assert stats.stats["sites-rewritten"] == 1
+    assert not any(n.op_type in ("Attention", "MultiHeadAttention") for n in from_fused.graph.node)
+    from_decomposed, _ = apply_pass(narrow, model)
+    np.testing.assert_allclose(_run(from_fused, feed), _run(from_decomposed, feed), atol=2e-5)
+    assert np.abs(_run(from_fused, feed) - _run(model, feed)).max() > 1e-3  # really sparse
+
+
+def test_unsupported_fused_node_is_skipped_with_reason():
+    node = helper.make_node(
+        "Attention", ["q", "k", "v"], ["y"], q_num_heads=2, kv_num_heads=1, domain=""
+    )
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 6, 8]) for n in "qv"]
+    io.insert(1, helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 6, 4]))
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])
+    graph = helper.make_graph([node], "g", io, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    _, result = apply_pass(SparseAttention(window=2), model)
+    assert fired(result.stats) == {"skipped-fused": 1}
+
+
+def test_key_mask_reducer_on_a_dynamic_broadcast_mask():
+    """ConstantOfShape and a computed Expand target (symbolic B and S) reduce to one row."""
+    import onnx_graphsurgeon as gs
+
+    from dsopt.analysis import AnalysisManager, Shapes
+    from dsopt.ir import Module
+    from dsopt.key_mask import KeyMaskReducer
+
+    model, _ = _dynamic(mask="expanded")
+    module = Module.from_proto(model)
+    graph = module.graph
+    bias = next(t for name, t in graph.tensors().items() if name == "bias")
+    names = set(graph.tensors())
+    reducer = KeyMaskReducer(graph, names, AnalysisManager(module).get(Shapes))
+    row = reducer.reduce(bias)
+    assert row is not None and row is not bias
+    graph.nodes.extend(reducer.nodes)
+    graph.outputs = [bias, row]
+    for t in graph.outputs:
+        t.dtype, t.shape = np.float32, None
+    probe = gs.export_onnx(graph.cleanup().toposort())
+    probe.opset_import[0].version = 17
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    keep = rng.random((2, 1, 1, 7)) < 0.6
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    wide, one = session.run(None, {"x": x, "mask": keep})
+    assert wide.shape == (2, 1, 7, 7) and one.shape == (2, 1, 1, 7)
+    np.testing.assert_array_equal(one, wide[:, :, :1, :])
+    assert (wide == -10000.0).any()

@@ -183,3 +183,51 @@ def test_conv_net_and_transformer_compile_for_every_cuda_target(target, tmp_path
         entry = next(a for a in result.manifest["artifacts"] if a["role"] == "library")
         assert entry["cuda"]["code"] == "source-jit"
         assert result.report["library_check"]["ok"] is None  # no GPU here
+
+
+def _upsampling_head() -> onnx.ModelProto:
+    """DB's detection head: Conv, BN, ReLU, ConvTranspose (kernel == stride) + bias, Sigmoid."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) / 8).astype("f4"), "cw"),
+        numpy_helper.from_array(rng.standard_normal((8, 8, 2, 2)).astype("f4") / 4, "tw"),
+        numpy_helper.from_array(rng.standard_normal((8, 1, 2, 2)).astype("f4") / 4, "tw2"),
+        numpy_helper.from_array(rng.standard_normal(1).astype("f4"), "tb2"),
+    ]
+    for name, value in (("s", 1.5), ("b", 0.1), ("m", 0.2), ("v", 2.0)):
+        inits.append(numpy_helper.from_array(np.full(8, value, "f4"), name))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "cw"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"]),
+            helper.make_node("Relu", ["n"], ["r"]),
+            helper.make_node("ConvTranspose", ["r", "tw"], ["u"], strides=[2, 2]),
+            helper.make_node("Relu", ["u"], ["r2"]),
+            helper.make_node("ConvTranspose", ["r2", "tw2", "tb2"], ["t"], strides=[2, 2]),
+            helper.make_node("Sigmoid", ["t"], ["y"]),
+        ],
+        "db_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 40, 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 160, 160])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("target", ["cuda", "jetson"])
+def test_upsampling_conv_transpose_builds_as_a_channel_contraction(target, tmp_path, monkeypatch):
+    """fp16 ConvTranspose (kernel == stride) becomes dsopt's contraction kernel, not TOPI's.
+
+    TOPI's CUDA conv2d_transpose computed an fp16 one in float32 and failed on PP-OCR det.
+    """
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    path = tmp_path / "head.onnx"
+    onnx.save(_upsampling_head(), path)
+    result = dsopt.compile(path, target=target, outdir=tmp_path / "out", host=_host())
+    assert result.manifest["tvm"]["schedules"]["upsample_conv2d_transpose"] == 2
+    entry = next(a for a in result.manifest["artifacts"] if a["role"] == "library")
+    (fmt, code), *_ = _cuda_modules(result.outdir / entry["path"])
+    assert fmt == "cuda"
+    source = code.decode()
+    assert source.count("dsopt_upsample_conv2d_transpose") >= 2
+    assert "half" in source  # the contraction runs in fp16
