@@ -12,9 +12,14 @@ spins after a run), then once timed. Reported: the median per variant, its ratio
 onnxruntime's median, the compile seconds (import + TVM build, from the manifest), the schedule
 counts and the max abs error of the first run against onnxruntime's outputs.
 
+With `--tune-minutes N` one more library, `tuned`, is MetaSchedule-tuned for N minutes on
+top of dsopt's schedules (`dsopt compile --tune-minutes N`, a fresh tuning database per run
+unless `--tune-db DIR`), and timed in the same rounds.
+
 Usage:
     python benchmarks/bench_tvm_cpu.py [--models NAME ...] [--runs 20] [--schedules none,dsopt]
     python benchmarks/bench_tvm_cpu.py --models ppocr_det --shape x=1,3,320,320
+    python benchmarks/bench_tvm_cpu.py --models resnet18_style --schedules dsopt --tune-minutes 20
 """
 
 from __future__ import annotations
@@ -91,7 +96,13 @@ def interleaved_times(runners: dict[str, Any], runs: int) -> dict[str, list[floa
     return times
 
 
-def bench(name: str, shapes: dict[str, list[int]], schedules: list[str], runs: int) -> None:
+def bench(
+    name: str,
+    shapes: dict[str, list[int]],
+    schedules: list[str],
+    runs: int,
+    tune: dict[str, Any] | None = None,
+) -> None:
     source = MODELS_DIR / f"{name}.onnx"
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -101,13 +112,18 @@ def bench(name: str, shapes: dict[str, list[int]], schedules: list[str], runs: i
     reference = session.run(None, feeds)
     runners = {"onnxruntime": lambda: session.run(None, feeds)}
     info = {}
+    variants = [(s, s, None) for s in schedules]
+    if tune:
+        variants.append(("tuned", "dsopt", tune))
     with tempfile.TemporaryDirectory() as tmp:
-        for s in schedules:
+        for s, schedule_set, tuning in variants:
             out = Path(tmp) / s
+            if tuning and "db" not in tuning:
+                tuning = {**tuning, "db": str(Path(tmp) / "tune-db")}
             started = time.perf_counter()
             dsopt.compile(
                 source, target="x86", shapes=shapes, outdir=out, check=False,
-                options={"schedules": s},
+                options={"schedules": schedule_set}, tune=tuning,
             )  # fmt: skip
             wall = time.perf_counter() - started
             manifest = json.loads((out / "manifest.json").read_text())
@@ -118,14 +134,18 @@ def bench(name: str, shapes: dict[str, list[int]], schedules: list[str], runs: i
                 float(np.max(np.abs(g.astype(np.float64) - w)))
                 for g, w in zip(runner(), reference, strict=True)
             )
-            counts = manifest["tvm"]["schedules"]
+            counts = dict(manifest["tvm"]["schedules"])
+            if tuning:
+                summary = manifest["tvm"].get("tuning", {})
+                kept = ("seconds", "trials", "tasks", "tasks_tuned", "cost_model")
+                counts.update({f"tuning {k}": summary[k] for k in kept if k in summary})
             info[s] = (library["compile_seconds"], wall, counts, error)
             runners[f"tvm/{s}"] = runner
         times = interleaved_times(runners, runs)
     base = statistics.median(times["onnxruntime"]) * 1e3
     shape_text = " ".join(f"{k}={','.join(map(str, v))}" for k, v in shapes.items())
     print(f"{name} ({shape_text}): onnxruntime {base:.2f} ms")
-    for s in schedules:
+    for s, _, _ in variants:
         ms = statistics.median(times[f"tvm/{s}"]) * 1e3
         build, wall, counts, error = info[s]
         stats = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "rules") or "-"
@@ -141,7 +161,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--schedules", default="none,dsopt")
     parser.add_argument("--shape", action="append", default=[], help="NAME=d0,d1,... override")
+    parser.add_argument("--tune-minutes", type=float, help="also time a MetaSchedule-tuned build")
+    parser.add_argument("--tune-db", help="tuning database folder (default: fresh per model)")
     args = parser.parse_args()
+    tune = None
+    if args.tune_minutes:
+        tune = {"minutes": args.tune_minutes, **({"db": args.tune_db} if args.tune_db else {})}
     overrides = {}
     for text in args.shape:
         key, dims = text.split("=")
@@ -150,7 +175,7 @@ def main() -> None:
     print(f"TVM_NUM_THREADS={threads}, onnxruntime 2 threads, {args.runs} runs")
     for name in args.models:
         shapes = {k: overrides.get(k, v) for k, v in MODELS[name].items()}
-        bench(name, shapes, args.schedules.split(","), args.runs)
+        bench(name, shapes, args.schedules.split(","), args.runs, tune)
 
 
 if __name__ == "__main__":

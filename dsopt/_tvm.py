@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
@@ -389,7 +390,10 @@ def _cpu_schedule_func(func: Any, target: Any) -> Any | None:
     ]
     done = False
     int8 = [b for b in blocks if sch.get(b).name_hint.startswith((_INT8_CONV, _INT8_MATMUL))]
-    if int8:
+    weights = [b for b in blocks if sch.get(b).name_hint == _WEIGHT_MATMUL]
+    if weights:
+        done = _cpu_schedule_dequantize_matmul(sch, blocks, weights[0], target)
+    elif int8:
         done = _cpu_schedule_int8(sch, blocks, int8[0])
     elif sum(is_reduction) == 1:
         done = _cpu_schedule_contraction(sch, blocks, blocks[is_reduction.index(True)], target)
@@ -459,7 +463,9 @@ def _cpu_pipeline(
                 scheduler = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())
             else:
                 scheduler = _cpu_schedule_pass(target, counts)
-            kernels = [_kernel_pass(counts, int8 == "vnni")] if schedules == "dsopt" else []
+            kernels = (
+                [_kernel_pass(counts, int8 == "vnni", weights=True)] if schedules == "dsopt" else []
+            )
             passes = [
                 *cpu.library_dispatch_passes(target),
                 *kernels,
@@ -800,6 +806,298 @@ def _upsample_conv2d_transpose_te(x: Any, weight: Any) -> Any:
     )
 
 
+# -- Integer weights in the library: weight-only quantized MatMul / Conv -------------------------
+# A weight-only quantized model (int8 per channel, int4 in blocks) reaches TVM as a float op of
+# `dequantize(q) [- zp] * scale` on constants, which constant folding would store as a float32
+# weight: the library four times the model's size. Before folding, dsopt's kernels take the
+# integer constant instead and dequantize it inside the function (`_weight_stage`, computed
+# as DequantizeLinear computes it, so the weights equal onnxruntime's bit for bit).
+
+_WEIGHT_MATMUL = "dsopt_dequantize_matmul"
+_WEIGHT_CONV = "dsopt_dequantize_conv2d"
+_WEIGHT_DEQUANTIZE = "dsopt_dequantize_weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class _IntegerWeight:
+    """A float weight as `(float(q[i]) - zero[j]) * scale[j]`, `j[d] = i[d] // factors[d]`.
+
+    `q` is int8/uint8 with at least the weight's extent along each axis (a blocked axis may be
+    padded to whole blocks); `zero`/`scale` are float32 with one entry per block (extent 1
+    along an axis they do not vary on).
+    """
+
+    q: np.ndarray
+    zero: np.ndarray
+    scale: np.ndarray
+    factors: tuple[int, ...]
+
+
+def _weight_stage(
+    q: Any, zero: Any, scale: Any, *, factors: Sequence[int], shape: Sequence[int]
+) -> Any:
+    """The TE stage computing the float weight of `shape` from an `_IntegerWeight`'s tensors."""
+    from tvm import te
+
+    def value(*i: Any) -> Any:
+        j = tuple(0 if int(scale.shape[d]) == 1 else i[d] // f for d, f in enumerate(factors))
+        return (q[i].astype("float32") - zero[j]) * scale[j]
+
+    return te.compute(tuple(shape), value, name=_WEIGHT_DEQUANTIZE)
+
+
+def _dequantize_matmul_te(
+    x: Any, q: Any, zero: Any, scale: Any, *, factors: Sequence[int], rows: int
+) -> Any:
+    """`x @ W` with W [rows, N] computed from the integer weight in the same function.
+
+    The sums match a float32 matmul of the dequantized weight up to summation order. The
+    weight is its own stage, which `_cpu_schedule_dequantize_matmul` computes per column tile,
+    once for all rows.
+    """
+    from tvm import te
+
+    *batch, k = (int(d) for d in x.shape)
+    n = int(q.shape[1])
+    assert k == rows
+    weight = _weight_stage(q, zero, scale, factors=factors, shape=(k, n))
+    r = te.reduce_axis((0, k), "k")
+    return te.compute(
+        (*batch, n),
+        lambda *i: te.sum(x[(*i[:-1], r)] * weight[r, i[-1]], axis=r),
+        name=_WEIGHT_MATMUL,
+    )
+
+
+def _dequantize_conv2d_te(
+    x: Any,
+    q: Any,
+    zero: Any,
+    scale: Any,
+    *,
+    factors: Sequence[int],
+    shape: Sequence[int],
+    **conv: Any,
+) -> Any:
+    """TOPI's conv2d (as Relax legalizes it) of the weight computed from the integer weight.
+
+    The weight stage runs once per call before the convolution (a conv reuses each weight
+    over every output pixel, so this costs little); the library keeps the 1-byte weight.
+    """
+    from tvm import topi
+
+    weight = _weight_stage(q, zero, scale, factors=factors, shape=shape)
+    return topi.nn.conv(x, weight, **conv)
+
+
+def _cpu_schedule_dequantize_matmul(sch: Any, blocks: list[Any], main: Any, target: Any) -> bool:
+    """`dsopt_dequantize_matmul`: column tiles outermost, each dequantizing its weights once.
+
+    Loops: column tiles (parallel) > row tiles > K > register tile (rows x vector lanes). The
+    weight stage is computed at the column tile: K x tile float32 values, dequantized once
+    per weight and reused by every row from cache. The elementwise epilogue is inlined and
+    computed per register tile.
+    """
+    position = blocks.index(main)
+    dequantize = blocks[position - 1]
+    loops = sch.get_loops(main)
+    *spatial, n_loop, k_loop = loops
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    n = extents[-2]
+    rows = int(np.prod(extents[:-2], dtype=np.int64))
+    lanes, registers = _cpu_vector_config(target, n)
+    vec_tile = _cpu_pick_vector_tile(n, lanes)
+    vectors = -(-vec_tile // lanes)
+    row_tile = _cpu_pick_block_tile(rows, max(1, registers // vectors))
+    row = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    n_outer, n_inner = sch.split(n_loop, [None, vec_tile])
+    r_outer, r_inner = sch.split(row, [None, row_tile])
+    sch.reorder(n_outer, r_outer, k_loop, r_inner, n_inner)
+    later = blocks[position + 1 :]
+    for epilogue in later[:-1]:
+        sch.compute_inline(epilogue)
+    consumer = later[-1] if later else None
+    if consumer is not None:
+        sch.reverse_compute_at(consumer, r_outer, preserve_unit_loops=True)
+    sch.compute_at(dequantize, n_outer, preserve_unit_loops=True)
+    if rows * n * extents[-1] >= _CPU_PARALLEL_MIN_WORK // 4 and n // vec_tile > 1:
+        sch.parallel(n_outer)
+    sch.unroll(r_inner)
+    sch.vectorize(n_inner)
+    init = sch.decompose_reduction(main, k_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(dequantize)[-1])
+    if consumer is not None:
+        sch.vectorize(sch.get_loops(consumer)[-1])
+    return True
+
+
+def _dequantized_weight(mutator: Any, expr: Any) -> _IntegerWeight | None:
+    """The `_IntegerWeight` behind a float weight, None unless it is one of these forms.
+
+    The forms the importer gives `legalize-quantized`'s output and DequantizeLinear of a
+    constant: per axis (or per tensor), `dequantize(q, s, z, axis)`; blocked along an axis,
+    `reshape(dequantize(q_blocked, 1, 0) [- zp] * scale)` with an optional `strided_slice`
+    back to the weight's extent (q_blocked splits the axis into [blocks, block]).
+    """
+    from tvm import relax
+
+    def call(e: Any, name: str) -> Any:
+        e = _bound(mutator, e)
+        ok = isinstance(e, relax.Call) and getattr(e.op, "name", "") == name
+        return e if ok else None
+
+    def dequantize(e: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+        """(q, s, z, axis) of a dequantize of integer constants to float32."""
+        node = call(e, "relax.dequantize")
+        if node is None or str(node.attrs.out_dtype) != "float32":
+            return None
+        values = [_constant(_bound(mutator, a)) for a in node.args]
+        if any(v is None for v in values) or values[0].dtype not in (np.int8, np.uint8):
+            return None
+        return values[0], values[1], values[2], int(node.attrs.axis)
+
+    bound = _bound(mutator, expr)
+    if not hasattr(bound, "ty") or bound.ty.shape is None:
+        return None
+    shape = tuple(int(d) for d in bound.ty.shape)
+    plain = dequantize(expr)
+    if plain is not None:
+        q, s, z, axis = plain
+        axis %= max(q.ndim, 1)
+        if q.shape != shape or s.size not in (1, shape[axis]) or z.size not in (1, s.size):
+            return None
+        param = [1] * q.ndim
+        param[axis] = s.size
+        factors = tuple(1 if d == axis and s.size > 1 else max(n, 1) for d, n in enumerate(shape))
+        scale = np.ascontiguousarray(s.astype(np.float32).reshape(param))
+        zero = np.ascontiguousarray(np.broadcast_to(z.astype(np.float32).reshape(-1), s.size))
+        return _IntegerWeight(q, zero.reshape(param), scale, factors)
+    sliced = call(expr, "relax.strided_slice")
+    reshaped = call(sliced.args[0] if sliced is not None else expr, "relax.reshape")
+    multiply = call(reshaped.args[0], "relax.multiply") if reshaped is not None else None
+    if multiply is None:
+        return None
+    scale = _constant(_bound(mutator, multiply.args[1]))
+    inner, zero = multiply.args[0], None
+    subtract = call(inner, "relax.subtract")
+    if subtract is not None:
+        zero = _constant(_bound(mutator, subtract.args[1]))
+        inner = subtract.args[0]
+        if zero is None:
+            return None
+    widened = dequantize(inner)
+    if widened is None or scale is None or scale.dtype != np.float32:
+        return None
+    q, s, z, _ = widened
+    if s.size != 1 or float(s.reshape(-1)[0]) != 1.0 or np.any(z != 0):
+        return None
+    if q.ndim != len(shape) + 1:
+        return None
+    axis = next(
+        (
+            a
+            for a in range(len(shape))
+            if q.shape[:a] == shape[:a]
+            and q.shape[a + 2 :] == shape[a + 1 :]
+            and q.shape[a] * q.shape[a + 1] >= shape[a]
+        ),
+        None,
+    )
+    if axis is None:
+        return None
+    blocks, block = q.shape[axis], q.shape[axis + 1]
+    param = (*q.shape[: axis + 1], 1, *q.shape[axis + 2 :])
+    if scale.shape != param or (zero is not None and zero.shape != param):
+        return None
+    if sliced is None and blocks * block != shape[axis]:
+        return None
+    flat = (*shape[:axis], blocks * block, *shape[axis + 1 :])
+    zero = np.zeros(param, np.float32) if zero is None else zero.astype(np.float32)
+    reduced = (*shape[:axis], blocks, *shape[axis + 1 :])
+    factors = tuple(block if d == axis else 1 for d in range(len(shape)))
+    return _IntegerWeight(
+        np.ascontiguousarray(q.reshape(flat)),
+        np.ascontiguousarray(zero.reshape(reduced)),
+        np.ascontiguousarray(scale.reshape(reduced)),
+        factors,
+    )
+
+
+def _weight_rewriter(mod: Any, stats: dict[str, int]) -> Any:
+    """A Relax mutator: float32 MatMul/Conv2d of a dequantized constant reads the integer weight.
+
+    Runs before constant folding, which would otherwise store the float32 weight (4 bytes per
+    element, whatever the model stored) in the library. Counts `dequantize_matmul` and
+    `dequantize_conv2d`.
+    """
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Weights(PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            name = getattr(call.op, "name", "")
+            if name not in ("relax.matmul", "relax.nn.conv2d") or len(call.args) != 2:
+                return call
+            x = call.args[0]
+            if str(x.ty.dtype) != "float32" or not _unset_or(call.attrs.out_dtype, "float32"):
+                return call
+            found = _dequantized_weight(self, call.args[1])
+            if found is None:
+                return call
+            if name == "relax.matmul":
+                new = self.matmul(x, call, found)
+            else:
+                new = self.conv2d(x, call, found)
+            return call if new is None else new
+
+        def tensors(self, weight: _IntegerWeight) -> tuple[Any, Any, Any]:
+            return relax.const(weight.q), relax.const(weight.zero), relax.const(weight.scale)
+
+        def matmul(self, x: Any, call: Any, weight: _IntegerWeight) -> Any:
+            shape = [int(d) for d in call.args[1].ty.shape]
+            if len(x.ty.shape) < 2 or len(shape) != 2:
+                return None
+            stats["dequantize_matmul"] = stats.get("dequantize_matmul", 0) + 1
+            return self.builder_.call_te(
+                _dequantize_matmul_te,
+                x,
+                *self.tensors(weight),
+                factors=weight.factors,
+                rows=shape[0],
+                primfunc_name_hint=_WEIGHT_MATMUL,
+            )
+
+        def conv2d(self, x: Any, call: Any, weight: _IntegerWeight) -> Any:
+            attrs = call.attrs
+            if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != (
+                "NCHW",
+                "OIHW",
+                "NCHW",
+            ):
+                return None
+            stats["dequantize_conv2d"] = stats.get("dequantize_conv2d", 0) + 1
+            return self.builder_.call_te(
+                _dequantize_conv2d_te,
+                x,
+                *self.tensors(weight),
+                factors=weight.factors,
+                shape=[int(d) for d in call.args[1].ty.shape],
+                stride=attrs.strides,
+                padding=attrs.padding,
+                dilation=attrs.dilation,
+                groups=attrs.groups,
+                data_layout="NCHW",
+                kernel_layout="OIHW",
+                out_dtype=None,
+                primfunc_name_hint=_WEIGHT_CONV,
+            )
+
+    return Weights(mod)
+
+
 def _kernel_rewriter(mod: Any, stats: dict[str, int], int8: bool) -> Any:
     """A Relax mutator putting dsopt's kernels in (int8 ones only with `int8`).
 
@@ -936,22 +1234,31 @@ def _kernel_rewriter(mod: Any, stats: dict[str, int], int8: bool) -> Any:
     return Kernels(mod)
 
 
-def _kernel_pass(stats: dict[str, int], int8: bool) -> Any:
+def _kernel_pass(stats: dict[str, int], int8: bool, weights: bool = False) -> Any:
     """The module pass putting dsopt's kernels in.
 
-    Counts `int8_conv2d`, `int8_matmul` and `upsample_conv2d_transpose` into `stats`.
+    With `weights`, MatMuls of dequantized integer weights first become kernels reading the
+    integer weight (`_weight_rewriter`, before constant folding). Counts `dequantize_matmul`,
+    `int8_conv2d`, `int8_matmul` and `upsample_conv2d_transpose` into `stats`.
     """
     tvm = _load()
     from tvm import relax
 
-    @tvm.transform.module_pass(opt_level=0, name="DsoptKernels")
-    def rewrite(mod: Any, ctx: Any) -> Any:
-        mod = relax.transform.FoldConstant()(mod)  # zero points and weights become constants
-        rewriter = _kernel_rewriter(mod, stats, int8)
+    def rewritten(mod: Any, rewriter: Any) -> Any:
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+        return rewriter.builder_.get()
+
+    @tvm.transform.module_pass(opt_level=0, name="DsoptKernels")
+    def rewrite(mod: Any, ctx: Any) -> Any:
+        if weights:
+            mod = relax.transform.DeadCodeElimination()(
+                rewritten(mod, _weight_rewriter(mod, stats))
+            )
+        mod = relax.transform.FoldConstant()(mod)  # zero points and weights become constants
+        kernels = rewritten(mod, _kernel_rewriter(mod, stats, int8))
+        return relax.transform.DeadCodeElimination()(kernels)
 
     return rewrite
 

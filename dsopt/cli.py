@@ -98,8 +98,8 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "int8", "int8-dynamic", "int4", "mixed"),
-        help="lower weights/compute after the lossless passes: fp16, int8 (static with "
+        choices=("fp32", "fp16", "bf16", "int8", "int8-dynamic", "int4", "mixed"),
+        help="lower weights/compute after the lossless passes: fp16, bf16, int8 (static with "
         "--calib, else dynamic), int8-dynamic, int4 (block-wise weights), mixed (a precision "
         "per weight within --size-budget/--max-error/--min-cosine; needs --calib)",
     )

@@ -681,6 +681,26 @@ def _compile_cache(
     return cache.ArtifactCache(cache_dir), cache.compile_key(source, resolved, host, target)
 
 
+#: The library check's whole-output bound (`compare_outputs(relative=...)`: cosine >= 1 - it,
+#: rel L2 <= sqrt(2 * it) = 1.4%) for models that quantize activations: two exact int8
+#: implementations may round a value that lies on a tie differently (TVM's and onnxruntime's
+#: DynamicQuantizeLinear), and one step in an early activation moves every later one.
+#: Measured: BERT int8-dynamic, x86 library vs onnxruntime, rel L2 0.0045, cosine 0.99999.
+_ROUNDING_TIES = 1e-4
+#: Ops that quantize activations (weight-only models have none and are checked elementwise).
+_ACTIVATION_QUANT_OPS = frozenset(
+    {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QGemm"}
+)
+
+
+def _quantizes_activations(model: onnx.ModelProto) -> bool:
+    """Whether some node of the main graph quantizes or computes on quantized activations."""
+    return any(
+        n.op_type in _ACTIVATION_QUANT_OPS or n.op_type.startswith(("QLinear", "DynamicQuantize"))
+        for n in model.graph.node
+    )
+
+
 def _check_library(
     target: Any,
     outdir: Path,
@@ -709,7 +729,10 @@ def _check_library(
         logger.info("library not checked: %s", e.message)
         return {"ok": None, "skipped": e.message}
     reference = numerics.run_model(optimized, feeds, label="optimized")
-    comparisons = numerics.compare_outputs(reference, candidate, rtol=rtol, atol=atol)
+    relative = _ROUNDING_TIES if _quantizes_activations(optimized) else None
+    comparisons = numerics.compare_outputs(
+        reference, candidate, rtol=rtol, atol=atol, relative=relative
+    )
     report = numerics.EquivalenceReport(outputs=comparisons, samples=1, rtol=rtol, atol=atol)
     if not report.ok:
         worst = report.failures()[0]

@@ -596,6 +596,13 @@ class _Session:
             self.label = f"{kind} '{path.name}'"
             if not path.is_file():
                 raise ModelError(f"cannot read {kind} '{path}': no such file")
+        # No bf16 kernels on the CPU provider: run the float32 twin that rounds like bf16
+        # hardware, unoptimized so that no rewrite can drop its rounding Casts.
+        from dsopt import bfloat16
+
+        if bfloat16.needs_emulation(proto or onnx.load(str(path), load_external_data=False)):
+            proto = bfloat16.emulate(proto or onnx.load(str(path)))
+            self.label, optimize = f"{self.label} (bf16 emulated)", False
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

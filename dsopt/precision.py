@@ -16,13 +16,16 @@ PRECISIONS: dict[str, str] = {
     "fp32": "no precision change (default)",
     "fp16": "float16 weights and compute, float32 where fp16 would overflow (with --calib: "
     "also nodes whose measured ranges pass 65504/16)",
+    "bf16": "bfloat16 weights and compute (float32's range: only long reductions and "
+    "normalization statistics stay float32; for GPUs with bf16 tensor cores, sm_80+)",
     "int8": "static int8 from --calib (Q/DQ the runtime fuses); without --calib: int8-dynamic",
     "int8-dynamic": "int8 MatMul/Gemm weights, activations quantized at run time (with --calib: "
     "activation outliers smoothed into the weights first)",
     "int4": "4-bit block-wise MatMul/Gemm and embedding weights, int8 per-channel Conv weights "
     "(--block-size, default 32; with --calib: GPTQ rounding)",
-    "mixed": "a precision per weight (fp32/fp16/int8/int4) within --size-budget, --max-error "
-    "or --min-cosine, chosen from per-weight sensitivity on --calib (`dsopt.mixed`)",
+    "mixed": "a precision per weight (fp32/fp16/bf16/fp16-weights/int8/int4) within "
+    "--size-budget, --max-error or --min-cosine, chosen from per-weight sensitivity on --calib "
+    "(`dsopt.mixed`)",
 }
 
 #: Lossless passes that hide ops from quantization: com.microsoft float fusions.
@@ -58,9 +61,14 @@ def precision_passes(
         raise UsageError(f"--block-size applies to --precision int4, not {precision}")
     if precision == "fp16":
         return "convert-float16"
+    if precision == "bf16":
+        return "convert-float16{dtype=bfloat16}"
     if precision == "mixed":
         # dsopt.mixed lowers the weights itself; the stage only folds and cleans up after it.
         return "fold-qdq,eliminate-dead" + (",legalize-quantized" if legalize else "")
+    # quantize-static/-dynamic store 7-bit weights (`reduce_range`) on every target: the model
+    # must compute the same in onnxruntime on any x86 CPU, which is also the reference a TVM
+    # library is checked against (its u8s8 kernels saturate without VNNI).
     if precision == "int8" and calibrated:
         text = "upgrade-opset{to=13},quantize-static,quantize-weights{bits=8}"
     elif precision in ("int8", "int8-dynamic"):

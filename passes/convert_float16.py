@@ -6,10 +6,12 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -17,9 +19,9 @@ import onnx_graphsurgeon as gs
 from dsopt import Module, Pass, PassContext, PassResult
 from dsopt.analysis import AnalysisManager, Shapes
 from dsopt.errors import ModelError, UsageError
-from dsopt.pattern import node_subgraphs, topological_order
+from dsopt.pattern import fresh_name, node_subgraphs, topological_order
 
-__all__ = ["DEFAULT_BLOCK_OPS", "NEUTRAL_OPS", "ConvertFloat16"]
+__all__ = ["BF16_BLOCK_OPS", "DEFAULT_BLOCK_OPS", "NEUTRAL_OPS", "ConvertFloat16"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,16 @@ DEFAULT_BLOCK_OPS: Mapping[str, str] = {
     **dict.fromkeys(_SQUARES, "statistics of squares over many elements"),
     "Range": "float integer sequences are exact only up to 2048",
 }
+#: Ops kept in float32 with `dtype=bfloat16`, with the reason. bfloat16 has float32's range
+#: and 8 significant bits: exponentials and powers cannot overflow (Exp/Pow/Softplus/Mish run
+#: in bf16), but a sum or product of many terms rounded at 8 bits drifts (relative error
+#: n * 2**-9 when a kernel accumulates in bf16), normalization statistics need the bits, and
+#: float integers stop being exact above 256.
+BF16_BLOCK_OPS: Mapping[str, str] = {
+    **dict.fromkeys((*_ACCUMULATION, "ReduceProd"), "long accumulation (8 significant bits)"),
+    **dict.fromkeys(_SQUARES, "statistics of squares over many elements"),
+    "Range": "float integer sequences are exact only up to 256",
+}
 
 #: Ops whose result is an exact function of their inputs in any precision (data movement,
 #: selection, comparison): they run in the precision their inputs arrive in, so they never
@@ -61,10 +73,47 @@ NEUTRAL_OPS = frozenset(
 _INTEGER_SOURCES = frozenset({"Range"})
 
 _F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 _FP16_MAX = float(np.finfo(np.float16).max)
 #: The smallest float16 subnormal: a tensor whose every nonzero magnitude lies below it
 #: becomes all zeros (or all 2**-24) in float16.
 _FP16_TINY = 2.0**-24
+
+
+@dataclasses.dataclass(frozen=True)
+class _Low:
+    """The 16-bit type a `dtype` option names: numpy and ONNX types, name suffix, limits."""
+
+    numpy: np.dtype[Any]
+    onnx: int
+    suffix: str
+    max: float
+    tiny: float  # smallest subnormal
+    tolerance: float  # declared bound (rtol = atol)
+
+
+_LOW = {
+    "float16": _Low(_F16, onnx.TensorProto.FLOAT16, "fp16", _FP16_MAX, _FP16_TINY, 1e-2),
+    # 8 significant bits against fp16's 11: each rounding is 8x coarser (2**-9 vs 2**-12);
+    # the worst of 150 random graphs (the property test's strategy) measured 0.047.
+    "bfloat16": _Low(
+        _BF16, onnx.TensorProto.BFLOAT16, "bf16", float(ml_dtypes.finfo(_BF16).max), 2.0**-133,
+        1e-1,
+    ),
+}  # fmt: skip
+#: Ops whose weight input `weights_only` always stores in `dtype` (other float initializers
+#: need `_MIN_STORED` elements: a scalar saves 2 bytes and costs a Cast node).
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+_MIN_STORED = 16
+
+
+class _Bound:
+    """`tolerance`: float16's on the class (the registry's metadata), the dtype's on a pass."""
+
+    def __get__(self, obj: Any, owner: Any = None) -> float:
+        low = _LOW.get(getattr(obj, "dtype", "float16")) if obj is not None else None
+        return (low or _LOW["float16"]).tolerance
+
 
 #: Default-blocked ops `calibrated_unblock` may run in fp16, with the power of |x| they sum
 #: (0: elementwise, judged by the measured input and output ranges alone).
@@ -186,12 +235,29 @@ class ConvertFloat16(Pass):
     The stats record `range-blocked` / `unblocked` counts, the nodes and reasons
     (`range-blocked-nodes`: "conv_3: output 'y' range 1.2e+05 > 4094"), `range-limit` and
     `calibration-samples`. Measurements are cached per calibration object and model bytes,
-    so `dsopt.mixed` lowering one node at a time probes once. float16 only: a bfloat16 mode
-    (float32's range) would skip rules 1 and 3.
+    so `dsopt.mixed` lowering one node at a time probes once.
 
-    Lossy: `tolerance` 1e-2 means every output element stays within 1e-2 * (1 + |reference|)
-    of the float32 model on well-scaled models (activations far below 65504, no catastrophic
-    cancellation, or calibrated on inputs like the deployment's); used as both rtol and atol.
+    `dtype=bfloat16` (`--precision bf16`): the same plan in bfloat16, float32's range with 8
+    significant bits. `BF16_BLOCK_OPS` replaces the default list (reductions, normalization
+    statistics and `Range` stay float32; Exp/Pow/Softplus/Mish run in bf16); an op whose schema
+    at the model's opset does not admit bfloat16 (Conv before opset 22) stays float32, and
+    below opset 13 (no Cast to or from bfloat16) the model is left alone. Of the
+    calibrated rules only 2 applies, at 2**-133 (rules 1 and 3 guard fp16's range); weights
+    round to nearest even. onnxruntime's CPU provider has no bf16 kernels: `dsopt.numerics`
+    runs such models through `dsopt.bfloat16.emulate` (fp32 compute, bf16 rounding after each
+    op, as bf16 hardware stores).
+
+    `weights_only`: compute stays float32; float32 initializers read only by main-graph
+    default-domain nodes (weights of MatMul/Gemm/Conv/ConvTranspose/Gather, and others of 16+
+    elements) are stored in `dtype`, each read through one `Cast(to=FLOAT)` that onnxruntime
+    folds at session start: half the weight bytes on targets whose fp16 compute is slow (x86,
+    Cortex-A72). Outputs equal the float32 model's with the weights rounded; a float16 weight
+    past 65504 stays float32. `blocked_nodes` and `block_ops` readers keep a weight float32.
+
+    Lossy: `tolerance` 1e-2 (1e-1 with bfloat16; the class attribute is float16's) means every
+    output element stays within tolerance * (1 + |reference|) of the float32 model on
+    well-scaled models (activations far below 65504, no catastrophic cancellation, or
+    calibrated on inputs like the deployment's); used as both rtol and atol.
 
     Subclasses may override `blocked_nodes` to keep more nodes float32.
     """
@@ -200,7 +266,7 @@ class ConvertFloat16(Pass):
     summary = "convert float32 weights and compute to float16 (Casts around unsafe ops)"
     stage = "precision"
     exactness = "lossy"
-    tolerance = 1e-2
+    tolerance = _Bound()  # type: ignore[assignment]
 
     keep_io_types: bool = dataclasses.field(
         default=True, metadata={"help": "keep float32 graph inputs and outputs"}
@@ -219,10 +285,19 @@ class ConvertFloat16(Pass):
         default=False,
         metadata={"help": "run default-blocked ops in fp16 when calibration shows small ranges"},
     )
+    dtype: str = dataclasses.field(
+        default="float16",
+        metadata={"help": "float16, or bfloat16 (float32's range, 8 significant bits)"},
+    )
+    weights_only: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "store weights in dtype (a Cast to float32 each); compute stays fp32"},
+    )
 
     def blocked_ops(self) -> frozenset[str]:
-        """The op types kept in float32: the defaults plus `block_ops`."""
-        return frozenset(DEFAULT_BLOCK_OPS) | self._extra_blocked()
+        """The op types kept in float32: the defaults for `dtype` plus `block_ops`."""
+        defaults = BF16_BLOCK_OPS if self.dtype == "bfloat16" else DEFAULT_BLOCK_OPS
+        return frozenset(defaults) | self._extra_blocked()
 
     def _extra_blocked(self) -> frozenset[str]:
         return frozenset(op.strip() for op in self.block_ops.split(",") if op.strip())
@@ -234,7 +309,11 @@ class ConvertFloat16(Pass):
     @property
     def range_limit(self) -> float:
         """The largest magnitude a calibrated tensor may reach and still become fp16."""
-        return _FP16_MAX / self.headroom
+        return _FP16_MAX / self.headroom if self.dtype == "float16" else math.inf
+
+    @property
+    def _low(self) -> _Low:
+        return _LOW[self.dtype]
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         """Plans a precision per node in topological order, then inserts Casts."""
@@ -248,6 +327,24 @@ class ConvertFloat16(Pass):
                 f"convert-float16: samples must be >= 0, not {self.samples}",
                 hint="0 measures every calibration sample",
             )
+        if self.dtype not in _LOW:
+            raise UsageError(
+                f"convert-float16: dtype must be float16 or bfloat16, not '{self.dtype}'",
+                hint="convert-float16{dtype=bfloat16} for bfloat16",
+            )
+        cast = _signature("Cast", module.opset)
+        if self.dtype == "bfloat16" and (
+            cast is None or "tensor(bfloat16)" not in cast.allowed.get("T1", ())
+        ):
+            logger.warning(
+                "convert-float16: Cast admits no %s at opset %d; model left float32 "
+                "(upgrade-opset{to=13} first; Conv takes bfloat16 from opset 22)",
+                self.dtype,
+                module.opset,
+            )
+            return PassResult(False, {"nodes": 0, "opset-too-old": 1})
+        if self.weights_only:
+            return self._store_weights(module, ctx)
         graph = module.graph
         analyses = ctx.analyses or AnalysisManager(module)
         types = analyses.get(Shapes)
@@ -255,11 +352,10 @@ class ConvertFloat16(Pass):
         dtypes = {k: v.dtype for k, v in types.items()}
         plan = self._plan(module, ctx, order, dtypes)
         calibrated: dict[str, int | float | str] = {}
-        if ctx.calibration is not None and (
-            plan.fp16_nodes or (self.calibrated_unblock and plan.blocked)
-        ):
+        unblock = self.calibrated_unblock and self.dtype == "float16"
+        if ctx.calibration is not None and (plan.fp16_nodes or (unblock and plan.blocked)):
             plan, calibrated = self._calibrate(module, ctx, order, dtypes, plan)
-        stats = _Rewriter(graph, plan, self.keep_io_types).apply()
+        stats = _Rewriter(graph, plan, self.keep_io_types, self._low).apply()
         stats = {
             "nodes": plan.fp16_nodes,
             "blocked": plan.blocked,
@@ -272,6 +368,61 @@ class ConvertFloat16(Pass):
         if changed:
             graph.nodes = topological_order(graph)
         return PassResult(changed, stats)
+
+    # -- weights only ----------------------------------------------------------------------------
+    def _store_weights(self, module: Module, ctx: PassContext) -> PassResult:
+        """Float32 initializers read only by compute, stored in `dtype` behind a Cast each."""
+        graph, low = module.graph, self._low
+        blocked_names, blocked_ops = self.blocked_nodes(module, ctx), self._extra_blocked()
+        main = {id(n) for n in graph.nodes}
+        outputs = {id(t) for t in graph.outputs}
+        names = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
+
+        def unique(base: str) -> str:
+            return fresh_name(names, base)
+
+        stats = {"weights": 0, "casts": 0, "bytes-before": 0, "bytes-after": 0, "out-of-range": 0}
+        for tensor in list(graph.tensors().values()):
+            if not isinstance(tensor, gs.Constant) or id(tensor) in outputs or not tensor.outputs:
+                continue
+            if _numpy_dtype(tensor.dtype) != _F32:
+                continue
+            readers = list(tensor.outputs)
+            if any(
+                id(r) not in main or (r.domain or "") not in ("", "ai.onnx")
+                or list(node_subgraphs(r)) or (r.name and r.name in blocked_names)
+                or r.op in blocked_ops
+                for r in readers
+            ):  # fmt: skip
+                continue
+            values = np.asarray(tensor.values)
+            weight = any(
+                len(r.inputs) > _WEIGHT_INPUT[r.op] and r.inputs[_WEIGHT_INPUT[r.op]] is tensor
+                for r in readers
+                if r.op in _WEIGHT_INPUT
+            )
+            if not (weight or values.size >= _MIN_STORED):
+                continue
+            if np.any(np.isfinite(values) & (np.abs(values) > low.max)):
+                stats["out-of-range"] += 1  # clipping would change the outputs: keep float32
+                continue
+            name = tensor.name
+            tensor.name = unique(f"{name}_fp32")
+            stored = gs.Constant(unique(f"{name}_{low.suffix}"), values.astype(low.numpy))
+            read = gs.Variable(name, dtype=np.float32, shape=list(values.shape))
+            to = {"to": onnx.TensorProto.FLOAT}
+            graph.nodes.append(gs.Node("Cast", unique(f"{name}_to_fp32"), to, [stored], [read]))
+            for reader in readers:
+                for i, t in enumerate(reader.inputs):
+                    if t is tensor:
+                        reader.inputs[i] = read
+            stats["weights"] += 1
+            stats["casts"] += 1
+            stats["bytes-before"] += int(values.nbytes)
+            stats["bytes-after"] += int(values.size * low.numpy.itemsize)
+        if stats["weights"]:
+            graph.nodes = topological_order(graph)
+        return PassResult(bool(stats["weights"]), stats)
 
     # -- calibration ---------------------------------------------------------------------------
     def _calibrate(
@@ -295,10 +446,9 @@ class ConvertFloat16(Pass):
         blocks, unblocks = self._calibrated(order, ranges)
         if blocks or unblocks:
             plan = self._plan(module, ctx, order, dtypes, blocks, unblocks)
-        stats: dict[str, int | float | str] = {
-            "calibration-samples": ranges.samples,
-            "range-limit": self.range_limit,
-        }
+        stats: dict[str, int | float | str] = {"calibration-samples": ranges.samples}
+        if math.isfinite(self.range_limit):
+            stats["range-limit"] = self.range_limit
         if plan.range_blocked:
             stats["range-blocked-nodes"] = _listing(plan.range_blocked)
         if plan.unblocked:
@@ -322,7 +472,7 @@ class ConvertFloat16(Pass):
                 if (amax := _amax(t, ranges, constants)) is not None
             ]
             over = [m for m in measured if m[2] > limit]
-            tiny = [m for m in measured if 0.0 < m[2] < _FP16_TINY]
+            tiny = [m for m in measured if 0.0 < m[2] < self._low.tiny]
             label = _label(node)
             if over:
                 role, name, amax = max(over, key=lambda m: m[2])
@@ -330,9 +480,9 @@ class ConvertFloat16(Pass):
             elif tiny:
                 role, name, amax = tiny[0]
                 blocks[id(node)] = (
-                    f"{label}: {role} '{name}' max {amax:.2g} < {_FP16_TINY:.2g} flushes to 0"
+                    f"{label}: {role} '{name}' max {amax:.2g} < {self._low.tiny:.2g} flushes to 0"
                 )
-            elif self.calibrated_unblock and node.op in unblockable:
+            elif self.calibrated_unblock and self.dtype == "float16" and node.op in unblockable:
                 if _fits_fp16(node, ranges, constants, limit):
                     unblocks.add(id(node))
         return blocks, frozenset(unblocks)
@@ -407,7 +557,7 @@ class ConvertFloat16(Pass):
             convertible = {
                 v
                 for v in bound32
-                if v in allowed and "tensor(float16)" in allowed[v] and v in in_types
+                if v in allowed and f"tensor({self.dtype})" in allowed[v] and v in in_types
             }
 
         def mode_of(chosen: set[str]) -> tuple[int, list[gs.Tensor], bool]:
@@ -611,8 +761,8 @@ def _typed_feeds(
 class _Rewriter:
     """Applies a plan: Casts per tensor and precision, converted initializers, graph I/O."""
 
-    def __init__(self, graph: gs.Graph, plan: _Plan, keep_io_types: bool) -> None:
-        self.graph, self.plan, self.keep_io = graph, plan, keep_io_types
+    def __init__(self, graph: gs.Graph, plan: _Plan, keep_io_types: bool, low: _Low) -> None:
+        self.graph, self.plan, self.keep_io, self.low = graph, plan, keep_io_types, low
         self.names = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
         self.cache: dict[tuple[int, int], gs.Tensor] = {}
         self.dropped: list[gs.Node] = []  # Casts to float32 some readers no longer read
@@ -657,16 +807,16 @@ class _Rewriter:
             # Types the model declared change; unknown ones stay unknown (no new value_info).
             known = tensor.dtype is not None
             if isinstance(tensor, gs.Variable) and plan.prec.get(id(tensor)) == 16 and known:
-                tensor.dtype = np.float16
+                tensor.dtype = self.low.numpy
         self._graph_io()
         self._drop_dead_casts()
         return self.stats
 
     def _to_fp16(self, values: np.ndarray) -> np.ndarray:
-        finite = np.isfinite(values)
-        clipped = finite & (np.abs(values) > _FP16_MAX)
+        top = self.low.max
+        clipped = np.isfinite(values) & (np.abs(values) > top)
         self.stats["clipped"] += int(np.count_nonzero(clipped))
-        return np.where(clipped, np.sign(values) * _FP16_MAX, values).astype(np.float16)
+        return np.where(clipped, np.sign(values) * top, values).astype(self.low.numpy)
 
     def convert(self, tensor: gs.Tensor, wanted: int) -> gs.Tensor:
         """`tensor` in precision `wanted` (16 or 32), made once per tensor."""
@@ -676,7 +826,8 @@ class _Rewriter:
         if isinstance(tensor, gs.Constant):
             assert wanted == 16, tensor.name
             result: gs.Tensor = gs.Constant(
-                self.unique(f"{tensor.name}_fp16"), self._to_fp16(np.asarray(tensor.values))
+                self.unique(f"{tensor.name}_{self.low.suffix}"),
+                self._to_fp16(np.asarray(tensor.values)),
             )
             self.plan.prec[id(result)] = 16
             self.stats["initializers"] += 1
@@ -685,9 +836,9 @@ class _Rewriter:
             self.stats["pairs"] += 1
             self.dropped.append(tensor.inputs[0])
         else:
-            suffix = "fp16" if wanted == 16 else "fp32"
+            suffix = self.low.suffix if wanted == 16 else "fp32"
             result = gs.Variable(self.unique(f"{tensor.name}_{suffix}"))
-            to = onnx.TensorProto.FLOAT16 if wanted == 16 else onnx.TensorProto.FLOAT
+            to = self.low.onnx if wanted == 16 else onnx.TensorProto.FLOAT
             cast = gs.Node(
                 "Cast", self.unique(f"{tensor.name}_to_{suffix}"), {"to": to}, [tensor], [result]
             )
@@ -699,7 +850,7 @@ class _Rewriter:
         return result
 
     def _fp16_source(self, tensor: gs.Tensor) -> gs.Tensor | None:
-        """The float16 x when `tensor` is Cast(to=FLOAT) of x (the same value, exactly)."""
+        """The 16-bit x when `tensor` is Cast(to=FLOAT) of x (the same value, exactly)."""
         if len(tensor.inputs) != 1:
             return None
         producer = tensor.inputs[0]
@@ -709,17 +860,17 @@ class _Rewriter:
         if int(producer.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
             return None
         is16 = self.plan.prec.get(id(source)) == 16 or (
-            id(source) not in self.plan.orig32 and source.dtype is not None
-            and np.dtype(source.dtype) == _F16
-        )  # fmt: skip
+            id(source) not in self.plan.orig32 and _numpy_dtype(source.dtype) == self.low.numpy
+        )
         return source if is16 else None
 
     def _graph_io(self) -> None:
         graph, plan = self.graph, self.plan
         wanted = 32 if self.keep_io else 16
         for tensor in graph.inputs:
-            if id(tensor) in plan.orig32 and not self.keep_io and tensor.dtype != np.float16:
-                tensor.dtype = np.float16
+            low = self.low.numpy
+            if id(tensor) in plan.orig32 and not self.keep_io and _numpy_dtype(tensor.dtype) != low:
+                tensor.dtype = low
                 self.stats["io"] += 1
         for index, tensor in enumerate(list(graph.outputs)):
             if not isinstance(tensor, gs.Variable) or id(tensor) not in plan.orig32:
@@ -727,12 +878,13 @@ class _Rewriter:
             if plan.prec.get(id(tensor), 32) == wanted or tensor in graph.inputs:
                 continue
             name = tensor.name
-            tensor.name = self.unique(f"{name}_fp{plan.prec.get(id(tensor), 32)}")
+            held = self.low.suffix if plan.prec.get(id(tensor), 32) == 16 else "fp32"
+            tensor.name = self.unique(f"{name}_{held}")
             converted = self.convert(tensor, wanted)
             if converted.name != name and all(t is not converted for t in graph.outputs):
                 self.names.discard(converted.name)
                 converted.name = name
-                converted.dtype = np.float32 if wanted == 32 else np.float16
+                converted.dtype = np.float32 if wanted == 32 else self.low.numpy
                 converted.shape = tensor.shape
             graph.outputs[index] = converted
             self.stats["io"] += 1
@@ -749,3 +901,16 @@ class _Rewriter:
             node.outputs.clear()
         if dead:
             self.graph.nodes = [n for n in self.graph.nodes if id(n) not in dead]
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype[Any] | None:
+    """A tensor's numpy dtype; graphsurgeon keeps bfloat16 as its ONNX enum value."""
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)))
+        except (KeyError, TypeError, ValueError):
+            return None

@@ -75,12 +75,13 @@ class LegalizeQuantized(Pass):
          `QLinearAveragePool`/`QLinearConcat`/`QLinearSoftmax` -> `DequantizeLinear`, the float
          op, `QuantizeLinear`.
       7. com.microsoft `MatMulNBits` (2/4/8 bits, constant B, no g_idx) -> B unpacked into a
-         uint8 constant [blocks, block, N], `Cast`, `- zp`, `* scale` per block, `Reshape`
+         uint8 constant [blocks, block, N], widened to float (`DequantizeLinear(q, 1)`, which
+         TVM's importer does not fold away), `- zp`, `* scale` per block, `Reshape`
          (and `Slice` to K), `MatMul`, `+ bias`.
       8. `DequantizeLinear` with `block_size` (opset 21) on a constant -> the constant
-         (int4/uint4 widened to int8/uint8) reshaped to [.., blocks, block, ..], `Cast`,
-         `- zp`, `* scale`, `Reshape` (and `Slice`); unblocked int4/uint4 `DequantizeLinear` ->
-         the same op on the widened constant.
+         (int4/uint4 widened to int8/uint8) reshaped to [.., blocks, block, ..], widened to
+         float as in 7, `- zp`, `* scale`, `Reshape` (and `Slice`); unblocked int4/uint4
+         `DequantizeLinear` -> the same op on the widened constant.
     With `fold_weights=true`, rules 7-8 store the dequantized weight as a float constant.
 
     Rules 1-5, 7-8 compute what onnxruntime's reference kernels compute (bit-exact, except
@@ -205,6 +206,18 @@ class _Builder:
 
     def cast(self, tensor: gs.Tensor, to: int) -> gs.Tensor:
         return self.op("Cast", [tensor], {"to": to})
+
+    def widen_weight(self, q: np.ndarray, dtype: np.dtype) -> gs.Tensor:
+        """The integer constant `q` as float: `DequantizeLinear(q, 1)` for float32 (exact).
+
+        Not a Cast: TVM's importer folds a Cast of a constant (and the ops after it) into a
+        float32 weight, while it keeps a DequantizeLinear, so dsopt's CPU kernels can read
+        the 1-byte weight in the matmul (dsopt/_tvm.py, `_dequantized_weight`).
+        """
+        if np.dtype(dtype) != np.float32:
+            return self.cast(self.const("x_q", q), _onnx_float(dtype))
+        one = gs.Constant(self.fresh("one"), np.array(1.0, np.float32))  # a true scalar
+        return self.op("DequantizeLinear", [self.const("x_q", q), one])
 
     def centered(self, tensor: gs.Tensor, zero_point: np.ndarray | None, shape: Any = ()) -> Any:
         """`tensor - zero_point` as float32 (exact: both are small integers)."""
@@ -519,7 +532,7 @@ def _blocked_weight(
         value = ((q.astype(np.float32) - np.float32(zp)) * scale).astype(scale.dtype)
         weight: gs.Tensor = b.const("w", value.reshape(blocks * block, n)[:rows])
         return weight
-    value = b.cast(b.const("w_q", q), _onnx_float(scale.dtype))
+    value = b.widen_weight(q, scale.dtype)
     if np.any(np.asarray(zp) != 0):
         value = b.op("Sub", [value, b.const("zp", np.asarray(zp, scale.dtype))])
     value = b.op("Mul", [value, b.const("scale", scale)])
@@ -616,7 +629,7 @@ def _dequantize_linear(b: _Builder, node: gs.Node) -> None:
         flat = value.astype(scale.dtype).reshape(out_shape)
         b.op("Identity", [b.const("w", np.take(flat, range(size), axis=axis))], out=b.output())
         return
-    value = b.cast(b.const("x_q", q_b), _onnx_float(scale.dtype))
+    value = b.widen_weight(q_b, scale.dtype)
     if np.any(zero_b != 0):
         value = b.op("Sub", [value, b.const("zp", zero_b.astype(scale.dtype))])
     value = b.op("Mul", [value, b.const("scale", scale_b)])

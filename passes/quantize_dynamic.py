@@ -12,7 +12,7 @@ from dsopt.analysis import AnalysisManager, Shapes
 from dsopt.ir import Module
 from dsopt.pass_infra import Pass, PassContext, PassResult
 from dsopt.pattern import fresh_name, read_constant, topological_order
-from dsopt.quant.grid import INT8, per_channel_symmetric
+from dsopt.quant.grid import INT7, INT8, Grid, per_channel_symmetric
 
 __all__ = ["QuantizeDynamic"]
 
@@ -29,6 +29,11 @@ class QuantizeDynamic(Pass):
     2. `gemm`: Gemm(x, W, C) with transA = 0 and alpha = 1: the same with W (transposed when
        transB) and `+ beta * C` after.
     Weights smaller than `min_elements` stay float (their matmuls are too small to gain).
+    With `reduce_range` (the default) weights take 7 bits, [-64, 63]: onnxruntime's u8s8 GEMM
+    on x86 CPUs without VNNI (`vpmaddubsw`) sums pairs of uint8 x int8 products in int16 with
+    saturation, so full-range int8 weights give wrong sums there (measured on an AVX2 EPYC: a
+    random 128x768x768 MatMulInteger was off by up to 1.5e5); 255 * 64 * 2 fits int16. A model
+    only run where int8 dot products are exact (VNNI, ARM) can turn it off.
     Needs no calibration. Bound (relative): outputs keep cosine >= 0.98 and relative L2 error
     <= 0.2.
     """
@@ -47,6 +52,13 @@ class QuantizeDynamic(Pass):
     exclude: str = dataclasses.field(
         default="", metadata={"help": "comma-separated node names or op types to keep in float"}
     )
+    reduce_range: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "7-bit weights, so onnxruntime's u8s8 kernels on x86 without VNNI (int16 "
+            "pair sums) cannot saturate; false: full int8, for CPUs with VNNI or ARM only"
+        },
+    )
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         """Rewrites every eligible MatMul/Gemm of every graph."""
@@ -54,7 +66,7 @@ class QuantizeDynamic(Pass):
         shapes = (ctx.analyses or AnalysisManager(module)).get(Shapes)
         counts = {"matmul": 0, "gemm": 0}
         for graph in module.graphs():
-            rewriter = _Rewriter(graph, shapes)
+            rewriter = _Rewriter(graph, shapes, INT7 if self.reduce_range else INT8)
             for node in topological_order(graph):
                 if node.name in excluded or node.op in excluded:
                     continue
@@ -86,9 +98,10 @@ class QuantizeDynamic(Pass):
 class _Rewriter:
     """Emits the integer chains, one DynamicQuantizeLinear per activation tensor."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict) -> None:
+    def __init__(self, graph: gs.Graph, shapes: dict, grid: Grid) -> None:
         self.graph = graph
         self.shapes = shapes
+        self.grid = grid
         self.used = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
         self.quantized: dict[int, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
         self.weights: dict[tuple[int, tuple[int, ...]], tuple[gs.Constant, ...]] = {}
@@ -172,7 +185,7 @@ class _Rewriter:
         """The int8 weight and its scales, made once per weight tensor."""
         key = (id(tensor), weight.shape)  # a Gemm with transB reads it transposed
         if key not in self.weights:
-            wq, w_scale = per_channel_symmetric(weight, 1, INT8)
+            wq, w_scale = per_channel_symmetric(weight, 1, self.grid)
             base = tensor.name or "weight"
             self.weights[key] = (
                 gs.Constant(self._name(f"{base}_int8"), wq),

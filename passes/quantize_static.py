@@ -22,7 +22,7 @@ from dsopt.pattern import (
 )
 from dsopt.quant import calibration
 from dsopt.quant.bias_correction import BiasCorrection
-from dsopt.quant.grid import INT8, UINT8, affine_params, per_channel_symmetric
+from dsopt.quant.grid import INT7, INT8, UINT8, affine_params, per_channel_symmetric
 from dsopt.quant.kernels import COMPUTE_OPS, INT8_OPS, SHARED_SCALE_OPS
 
 __all__ = ["COMPUTE_OPS", "INT8_OPS", "SHARED_SCALE_OPS", "QuantizeStatic"]
@@ -59,6 +59,10 @@ class QuantizeStatic(Pass):
        int8 weight rounding adds to each output channel is subtracted from the float bias
        before it is quantized (`dsopt.quant.bias_correction`; one more calibration pass).
        `bias-corrected` counts the nodes.
+    With `reduce_range` (the default) weights take 7 bits, as in `quantize-dynamic`: the u8s8
+    kernels onnxruntime fuses QDQ islands into sum uint8 x int8 pairs in int16 on x86 CPUs
+    without VNNI and saturate with full-range int8 weights (a random QLinearConv was off by 10
+    steps on an AVX2 EPYC).
     Needs calibration data (`--calib`). Bound (relative, checked on calibration samples):
     every output keeps cosine >= 0.98 and relative L2 error <= 0.2.
     """
@@ -101,6 +105,13 @@ class QuantizeStatic(Pass):
     bias_correction: bool = dataclasses.field(
         default=False,
         metadata={"help": "subtract the mean shift int8 weight rounding adds per channel"},
+    )
+    reduce_range: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "7-bit weights, so onnxruntime's u8s8 kernels on x86 without VNNI (int16 "
+            "pair sums) cannot saturate; false: full int8, for CPUs with VNNI or ARM only"
+        },
     )
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
@@ -150,10 +161,16 @@ class QuantizeStatic(Pass):
         corrector = None
         if self.bias_correction:  # float biases change before the writer quantizes them
             weighted = [n for n in joined if planner.weight(n) is not None]
-            corrector = BiasCorrection(graph, weighted, _channel_axis)
+            grid = INT7 if self.reduce_range else INT8
+            corrector = BiasCorrection(graph, weighted, _channel_axis, grid)
             corrector.measure(module.to_proto(), data.limited(self.samples))
             corrector.correct()
-        writer = _Writer(module, stats, UINT8 if self.activation == "uint8" else INT8)
+        writer = _Writer(
+            module,
+            stats,
+            UINT8 if self.activation == "uint8" else INT8,
+            weights=INT7 if self.reduce_range else INT8,
+        )
         counts = writer.apply(plans)
         if corrector is not None:
             counts["bias-corrected"] = corrector.finish()
@@ -423,9 +440,16 @@ class _Writer:
     the graph of its node.
     """
 
-    def __init__(self, module: Module, stats: dict[str, calibration.RangeStats], grid: Any) -> None:
+    def __init__(
+        self,
+        module: Module,
+        stats: dict[str, calibration.RangeStats],
+        grid: Any,
+        weights: Any = INT8,
+    ) -> None:
         self.graph = module.graph
         self.stats = stats
+        self.weight_grid = weights
         self.grid = grid
         self.used: set[str] = set()
         self.owner: dict[int, gs.Graph] = {}
@@ -557,11 +581,11 @@ class _Writer:
         assert value is not None
         axis = _channel_axis(node, value)
         if axis is None:
-            q, scale = per_channel_symmetric(value.reshape(1, -1), 0, INT8)
+            q, scale = per_channel_symmetric(value.reshape(1, -1), 0, self.weight_grid)
             q, axis_attr = q.reshape(value.shape), {}
             scale = scale.reshape(())
         else:
-            q, scale = per_channel_symmetric(value, axis, INT8)
+            q, scale = per_channel_symmetric(value, axis, self.weight_grid)
             axis_attr = {"axis": axis}
         base = tensor.name or f"{node.name}_weight"
         restored = gs.Variable(

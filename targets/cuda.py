@@ -36,7 +36,10 @@ def _cuda(
     )
 
 
-_TENSOR_CORES = {"float16": 1.0, "float32": 4.0, "int8": 0.5, "int4-weight": 0.7}
+#: Every arch here (sm_80+) has bf16 tensor cores at fp16's rate.
+_TENSOR_CORES = {
+    "float16": 1.0, "bfloat16": 1.0, "float32": 4.0, "int8": 0.5, "int4-weight": 0.7,
+}  # fmt: skip
 
 CUDA_SM80 = _cuda(
     "sm_80", "NVIDIA Ampere A100 (sm_80): model.so with CUDA kernels", _TENSOR_CORES,

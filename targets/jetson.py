@@ -25,7 +25,8 @@ JETSON_ORIN = Target(
     cross_compiler="aarch64-linux-gnu-g++",
     pipeline=FP16_PIPELINE,
     allow_lossy=True,
-    precisions={"float16": 1.0, "float32": 2.0, "int8": 0.6, "int4-weight": 0.8},
+    # Ampere (sm_87) tensor cores run bf16 at fp16's rate.
+    precisions={"float16": 1.0, "bfloat16": 1.0, "float32": 2.0, "int8": 0.6, "int4-weight": 0.8},
     opset=17,
     fused_ops=frozenset({"sparse-2:4"}),  # sparse tensor cores (Ampere): sparsify-2to4
     lower=lower_tvm,

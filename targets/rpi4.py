@@ -20,7 +20,7 @@ RPI4 = Target(
     cross_compiler="aarch64-linux-gnu-g++",
     # No sdot: int8 still gains from 16 lanes per NEON register, less than with dot products.
     precisions={"float32": 1.0, "int8": 0.6, "int4-weight": 0.7, "float16": 1.5},
-    opset=17,
+    opset=21,
     schedules="dsopt",
     lower=lower_tvm,
     run=run_library,

@@ -24,7 +24,7 @@ def _x86(
         link="host",
         schedules="dsopt",
         precisions=_PRECISIONS_VNNI if "avx512vnni" in features else _PRECISIONS,
-        opset=17,
+        opset=21,
         lower=lower_tvm,
         run=run_library,
         **kw,  # type: ignore[arg-type]

@@ -128,13 +128,25 @@ def check_error_budget(max_error: float | None, min_cosine: float | None) -> Non
 
 
 def target_candidates(precisions: Mapping[str, float] | None) -> tuple[str, ...]:
-    """Candidate precisions a target allows (all without a target)."""
+    """Candidate precisions a target runs at least as fast as float32 (all without a target).
+
+    A precision the target declares slower than float32 (fp16 arithmetic on x86 or a
+    Cortex-A72) is never a candidate; where fp16 compute is slower, fp16 *storage*
+    (`fp16-weights`: half the bytes, float32 compute) takes its place.
+    """
     if precisions is None:
         return CANDIDATES
-    allowed = {TARGET_PRECISIONS[k] for k in precisions if k in TARGET_PRECISIONS}
+    fp32_cost = precisions.get("float32", 1.0)
+    allowed = {"fp32"}
+    for key, cost in precisions.items():
+        candidate = TARGET_PRECISIONS.get(key)
+        if candidate is not None and cost <= fp32_cost:
+            allowed.add(candidate)
+        elif candidate == "fp16":
+            allowed.add("fp16-weights")
     if "int4" in allowed:
         allowed |= set(INT4_BLOCKS)
-    return tuple(p for p in CANDIDATES if p in allowed | {"fp32"})
+    return tuple(p for p in CANDIDATES if p in allowed)
 
 
 @dataclasses.dataclass
@@ -354,7 +366,12 @@ class MixedResult:
                     "precision": self.assignment[unit.name],
                     "bytes": self.sizes[unit.name],
                     "sensitivity": {
-                        p: {"bytes": c.bytes, "rel_l2": c.rel_l2, "cosine": c.cosine}
+                        p: {
+                            "bytes": c.bytes,
+                            "rel_l2": c.rel_l2,
+                            "cosine": c.cosine,
+                            "sqnr_db": _json_db(c.sqnr_db),
+                        }
                         for p, c in unit.candidates.items()
                     },
                 }
@@ -521,6 +538,13 @@ class _Tried:
     module: Module
 
 
+def _json_db(value: float | None) -> float | str | None:
+    """A decibel figure for JSON: rounded, or "inf" for an exact output (JSON has no inf)."""
+    if value is None or math.isnan(value):
+        return None
+    return round(value, 3) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
 def _ratio(predicted: float, measured: float) -> float:
     """The slack under which the prediction reaches the budget where the measurement would.
 
@@ -585,6 +609,10 @@ def _passes(precisions: Any, block_size: int | None) -> list[Any]:
     out: list[Any] = []
     if "fp16" in used:
         out.append(ConvertFloat16())
+    if "bf16" in used:  # a wider bound than fp16's
+        out.append(ConvertFloat16(dtype="bfloat16"))
+    if "fp16-weights" in used:
+        out.append(ConvertFloat16(weights_only=True))
     for precision in ("int8", *INT4_BLOCKS):
         if precision in used:
             out.append(QuantizeWeights(**quantize_options(precision, block_size)))

@@ -239,17 +239,27 @@ def write_pareto(entry: Mapping[str, Any], path: str | Path, size: tuple[int, in
 
 
 def write_beside(report: MutableMapping[str, Any], report_path: str | Path) -> Path | None:
-    """Writes the plot of `report`'s `mixed` entry beside `report_path`; None without one.
+    """Writes the plot and sensitivity table of `report`'s `mixed` entry beside `report_path`.
 
-    The file is `pareto.png` beside a `report.json` (compile's OUTDIR), else
-    `<report stem>.pareto.png`; `mixed.plot` names it (relative to the report). Never fails
-    the run: an unwritable plot is a warning.
+    The files are `pareto.png` and `sensitivity.csv` beside a `report.json` (compile's
+    OUTDIR), else `<report stem>.pareto.png` / `<report stem>.sensitivity.csv`; `mixed.plot`
+    and `mixed.table` name them (relative to the report). Returns the plot's path, None
+    without a `mixed` entry. Never fails the run: an unwritable file is a warning.
     """
+    from dsopt.mixed.table import write_table
+
     entry = report.get("mixed")
     if not isinstance(entry, MutableMapping):
         return None
     report_path = Path(report_path)
-    name = "pareto.png" if report_path.name == "report.json" else f"{report_path.stem}.pareto.png"
+    stem = "" if report_path.name == "report.json" else f"{report_path.stem}."
+    table = f"{stem}sensitivity.csv"
+    try:
+        write_table(entry, report_path.parent / table)
+        entry["table"] = table
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("--precision mixed: no sensitivity table: %s", e)
+    name = f"{stem}pareto.png"
     try:
         out = write_pareto(entry, report_path.parent / name)
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -3,9 +3,9 @@
 A *unit* is one constant float32 weight and the weight-bearing nodes reading it (MatMul,
 Gemm, Conv, ConvTranspose, Gather on a table); its precision is chosen as one. Lowering a
 unit runs the usual pass on a clone with every other weight-bearing node excluded
-(`quantize-weights{bits=8|4,exclude=...}`; fp16 through `convert-float16` with every other
-node blocked), so sensitivities and the combined model use exactly the precision stage's
-numerics.
+(`quantize-weights{bits=8|4,exclude=...}`; fp16/bf16 compute and fp16 weight storage through
+`convert-float16{dtype=...,weights_only=...}` with every other node blocked), so sensitivities
+and the combined model use exactly the precision stage's numerics.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from dsopt.analysis import AnalysisManager
 from dsopt.errors import UsageError
@@ -31,6 +33,7 @@ from dsopt.pattern import read_constant, topological_order
 
 __all__ = [
     "CANDIDATES",
+    "HALF",
     "INT4_BLOCKS",
     "TARGET_PRECISIONS",
     "Candidate",
@@ -47,15 +50,30 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Candidate precisions, widest first. `int4` has blocks of `--block-size` (default 32);
+#: Candidate precisions, widest first. `fp16`/`bf16` convert the unit's compute (2 bytes per
+#: weight); `fp16-weights` only stores its weight in fp16 behind a Cast (2 bytes, compute
+#: float32: runs anywhere). `int4` has blocks of `--block-size` (default 32);
 #: `int4-b128` blocks of 128: a quarter of the scale bytes (4.25 instead of 5 bits per
 #: weight) for a little more error, so that insensitive weights can pay for sensitive ones
 #: even at the size of uniform int4 (where every weight is already at int4 or int8).
-CANDIDATES = ("fp32", "fp16", "int8", "int4", "int4-b128")
+CANDIDATES = ("fp32", "fp16", "bf16", "fp16-weights", "int8", "int4", "int4-b128")
 #: Block size of each int4 candidate (None: `--block-size`, default 32).
 INT4_BLOCKS = {"int4": None, "int4-b128": 128}
 #: `Target.precisions` keys -> candidates.
-TARGET_PRECISIONS = {"float32": "fp32", "float16": "fp16", "int8": "int8", "int4-weight": "int4"}
+TARGET_PRECISIONS = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float16-weight": "fp16-weights",
+    "int8": "int8",
+    "int4-weight": "int4",
+}
+#: The 16-bit candidates: convert-float16 options (weight bytes are 2 per element).
+HALF = {
+    "fp16": {},
+    "bf16": {"dtype": "bfloat16"},
+    "fp16-weights": {"weights_only": True},
+}
 #: Weight input index per weight-bearing op.
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
 _INT4_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"})
@@ -63,12 +81,17 @@ _INT4_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"})
 
 @dataclasses.dataclass
 class Candidate:
-    """One precision of one unit: its weight bytes and the outputs' error with it alone."""
+    """One precision of one unit: its weight bytes and the outputs' error with it alone.
+
+    `sqnr_db`: the signal-to-quantization-noise ratio of the unit's first node's own output,
+    `10 log10(sum y^2 / sum (y - y_lowered)^2)` over the samples (None where not measured).
+    """
 
     precision: str
     bytes: int
     rel_l2: float
     cosine: float
+    sqnr_db: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -85,6 +108,8 @@ class Unit:
     elements: int
     main_graph: bool
     candidates: dict[str, Candidate] = dataclasses.field(default_factory=dict)
+    #: The first node's float output in the main graph (its SQNR is measured), else None.
+    output: str | None = None
 
     @property
     def fp32_bytes(self) -> int:
@@ -123,6 +148,9 @@ def weight_units(module: Module) -> list[Unit]:
             unit = found.get(id(tensor))
             if unit is None:
                 unit = Unit(node.name, node.op, (), int(value.size), graph_index == 0)
+                out = node.outputs[0] if node.outputs else None
+                if graph_index == 0 and out is not None and out.name:
+                    unit.output = out.name
                 found[id(tensor)] = unit
                 tensors[id(tensor)] = tensor
             unit.nodes = (*unit.nodes, node.name)
@@ -140,7 +168,7 @@ def allowed(unit: Unit, precision: str) -> bool:
     """Whether `precision` is a candidate for `unit` (before trying it)."""
     if precision in INT4_BLOCKS:
         return unit.op in _INT4_OPS
-    if precision == "fp16":
+    if precision in HALF:
         return unit.main_graph
     return True
 
@@ -178,15 +206,17 @@ def lower(
     for unit in units:
         by_precision.setdefault(assignment.get(unit.name, "fp32"), []).append(unit)
     sizes = {u.name: u.fp32_bytes for u in units}
-    half = by_precision.get("fp16", [])
-    if half:
+    for precision, options in HALF.items():
+        half = by_precision.get(precision, [])
+        if not half:
+            continue
         only = ",".join(n for u in half for n in u.nodes)
-        _run(clone, _OnlyFloat16(only=only), ctx)
+        _run(clone, _OnlyFloat16(only=only, **options), ctx)
         nodes = {n.name: n for n in clone.graph.nodes}
         for unit in half:
             node = nodes.get(unit.name)
             weight = node.inputs[_WEIGHT_INPUT[node.op]] if node is not None else None
-            if weight is not None and weight.dtype == np.float16:  # else the pass kept it
+            if weight is not None and _stored_in_16_bits(weight):  # else the pass kept it
                 sizes[unit.name] = 2 * unit.elements
     for precision in (*INT4_BLOCKS, "int8"):
         chosen = by_precision.get(precision, [])
@@ -201,6 +231,20 @@ def lower(
             if int(stats.get("weights", 0)):
                 sizes[unit.name] = int(stats["bytes-after"])
     return clone, sizes
+
+
+def _stored_in_16_bits(weight: Any) -> bool:
+    """Whether a weight input is a 16-bit constant, or a Cast to float of one."""
+    if len(weight.inputs) == 1 and weight.inputs[0].op == "Cast" and weight.inputs[0].inputs:
+        weight = weight.inputs[0].inputs[0]
+    return isinstance(weight, gs.Constant) and _bits(weight.dtype) == 16
+
+
+def _bits(dtype: Any) -> int:
+    try:
+        return 8 * np.dtype(dtype).itemsize
+    except TypeError:  # graphsurgeon keeps bfloat16 as its ONNX enum value
+        return 16 if int(dtype) == onnx.TensorProto.BFLOAT16 else 0
 
 
 def quantize_options(precision: str, block_size: int | None) -> dict[str, Any]:
@@ -262,14 +306,38 @@ class ErrorMeter:
         self.feeds = [{k: np.asarray(v) for k, v in f.items() if k in names} for f in feeds]
         if not self.feeds:
             raise UsageError("--precision mixed: the calibration data holds no samples")
+        self.model = reference
         self.reference = self._outputs(reference)
+        self._probe: tuple[str, list[np.ndarray] | None] | None = None
         self.runs = 0
+
+    def _probed(self, name: str) -> list[np.ndarray] | None:
+        """The reference's values of the intermediate tensor `name`, None if not computed.
+
+        Only the last one is kept: `measure` walks the units one by one, and activations can
+        be large.
+        """
+        if self._probe is None or self._probe[0] != name:
+            values = None
+            if _computes(self.model, name):
+                try:
+                    probed = self._outputs(_with_outputs(self.model, [name]))
+                    values = [sample[len(self.reference[0])] for sample in probed]
+                except Exception:  # noqa: BLE001 - onnxruntime rejects the probe: no SQNR
+                    values = None
+            self._probe = (name, values)
+        return self._probe[1]
 
     def _outputs(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
         import onnxruntime as ort
 
+        from dsopt import bfloat16
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if bfloat16.needs_emulation(model):  # no bf16 kernels on the CPU provider
+            model = bfloat16.emulate(model)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
@@ -279,6 +347,60 @@ class ErrorMeter:
         """(worst relative L2 error, worst cosine) over the float outputs, feeds pooled."""
         self.runs += 1
         return output_errors(self.reference, self._outputs(model))
+
+    def measure_node(
+        self, model: onnx.ModelProto, probe: str | None
+    ) -> tuple[float, float, float | None]:
+        """`measure` plus the SQNR (dB) of the intermediate tensor `probe` against the reference.
+
+        The SQNR is None when the reference or the candidate does not compute `probe` as a
+        float tensor of that name (the run is then without it).
+        """
+        reference = self._probed(probe) if probe is not None else None
+        if probe is None or reference is None or not _computes(model, probe):
+            return (*self.measure(model), None)
+        self.runs += 1
+        outputs = len(self.reference[0])
+        try:
+            got = self._outputs(_with_outputs(model, [probe]))
+        except Exception:  # noqa: BLE001 - onnxruntime rejects the probe: measure without it
+            self.runs -= 1
+            return (*self.measure(model), None)
+        rel, cos = output_errors(self.reference, [sample[:outputs] for sample in got])
+        return rel, cos, _sqnr(reference, [sample[outputs] for sample in got])
+
+
+def _computes(model: onnx.ModelProto, name: str) -> bool:
+    """Whether a main-graph node of `model` outputs `name`."""
+    return any(name in node.output for node in model.graph.node)
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the float tensors `names`.
+
+    Each as float32 unless the model's value_info says otherwise (a unit lowered to fp16
+    computes its output in fp16).
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    for name in names:
+        elem = known.get(name) or onnx.TensorProto.FLOAT
+        copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return copy
+
+
+def _sqnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float | None:
+    """10 log10(signal / noise energy) over the samples; inf when exact, None if not float."""
+    r = np.concatenate([np.asarray(x, np.float64).ravel() for x in reference])
+    c = np.concatenate([np.asarray(x, np.float64).ravel() for x in candidate])
+    if r.shape != c.shape:
+        return None
+    noise = float(np.sum((r - c) ** 2))
+    signal = float(np.sum(r**2))
+    if noise == 0:
+        return float("inf")
+    return 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
 
 def output_errors(
@@ -390,5 +512,5 @@ def _try(
     lowered, sizes = lower(module, units, {unit.name: precision}, ctx, block_size=block_size)
     if sizes[unit.name] >= unit.fp32_bytes:
         return None  # the pass kept it float
-    rel, cos = meter.measure(lowered.to_proto())
-    return Candidate(precision, sizes[unit.name], rel, cos)
+    rel, cos, sqnr = meter.measure_node(lowered.to_proto(), unit.output)
+    return Candidate(precision, sizes[unit.name], rel, cos, sqnr)

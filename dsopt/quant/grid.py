@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 __all__ = [
+    "INT7",
     "INT8",
     "STORABLE_BITS",
     "UINT8",
@@ -98,6 +99,8 @@ class Grid:
 
 
 INT8 = Grid(8, True)
+#: int8 storage of 7-bit values: u8 x s7 pair sums fit int16 (onnxruntime's AVX2 kernels).
+INT7 = Grid(7, True)
 UINT8 = Grid(8, False)
 
 

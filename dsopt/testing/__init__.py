@@ -85,11 +85,45 @@ def check_pass(
     report = numerics.check_equivalence(
         model, rewritten, inputs=[inputs], rtol=rtol, atol=atol, relative=relative
     )
+    if not report.ok and pass_.exactness == "lossy" and _ill_conditioned(model, inputs, pass_):
+        from hypothesis import control, reject
+
+        if control.currently_in_test_context():
+            reject()  # a random graph whose outputs no lossy pass can keep: draw another
     assert report.ok, f"{pass_.name} changed the outputs: {report.to_dict()}"
     if idempotent:
         _, again = apply_pass(pass_, rewritten, dataclasses.replace(ctx) if ctx else None)
         assert not again.changed, f"{pass_.name} is not idempotent: second run {again.stats}"
     return rewritten, result
+
+
+def _ill_conditioned(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], pass_: Pass) -> bool:
+    """Whether float noise of the lossy pass's size on the inputs alone breaks its own bound.
+
+    A random graph can be nearly discontinuous (LayerNormalization over two values is the
+    sign of their difference; a Relu of a cancelling sum), so any lossy rewrite flips it. The
+    float model is run with every float input scaled by `1 + tolerance * N(0, 1)`; if that
+    misses the pass's bound too, the example says nothing about the pass.
+    """
+    from dsopt import numerics
+
+    tolerance = float(pass_.tolerance or 0.0)
+    rng = np.random.default_rng(0)
+    noisy = {}
+    for name, value in feeds.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and value.size:
+            value = value * (1 + tolerance * rng.standard_normal(value.shape)).astype(value.dtype)
+        noisy[name] = value
+    if all(np.array_equal(noisy[k], np.asarray(v)) for k, v in feeds.items()):
+        return False  # no float input to perturb
+    relative = tolerance if pass_.bound == "relative" else None
+    reference = numerics.run_model(model, dict(feeds))
+    perturbed = numerics.run_model(model, noisy)
+    comparisons = numerics.compare_outputs(
+        reference, perturbed, rtol=0.0, atol=tolerance, relative=relative
+    )
+    return not all(c.within_tolerance for c in comparisons)
 
 
 def op_types(graph: onnx.GraphProto) -> list[str]:

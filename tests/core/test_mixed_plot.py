@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import struct
@@ -106,6 +107,18 @@ def test_cli_writes_the_plot_beside_the_report(tmp_path):
     assert _has(pixels, COLORS["front"]) > 20
     assert _has(pixels, COLORS["chosen"]) > 20
     assert _has(pixels, COLORS["budget"]) > 20
+    # and the sensitivity table (dsopt/mixed/table.py), most sensitive first
+    assert entry["table"] == "r.sensitivity.csv"
+    rows = list(csv.DictReader((tmp_path / entry["table"]).open()))
+    assert len(rows) == len(entry["nodes"]) == 4
+    # the layer with +-100 outliers stretches every scale: the most sensitive at int4, and
+    # its own output's SQNR at int8 is near 0 dB, where well-scaled layers keep > 30 dB
+    assert rows[0]["node"] == "mm1"
+    assert float(rows[0]["int8 sqnr_db"]) < 10
+    for row in rows[1:]:
+        if row["int8 sqnr_db"]:
+            assert float(row["int8 sqnr_db"]) > 30
+            assert float(row["fp16 sqnr_db"]) > float(row["int8 sqnr_db"])
 
 
 def test_compile_writes_pareto_png_in_outdir(tmp_path):
@@ -125,6 +138,9 @@ def test_compile_writes_pareto_png_in_outdir(tmp_path):
     pixels = _decode((result.outdir / "pareto.png").read_bytes())
     assert pixels.shape == (SIZE[1], SIZE[0], 3)
     assert _has(pixels, COLORS["chosen"]) > 20
+    assert result.report["mixed"]["table"] == "sensitivity.csv"
+    rows = list(csv.DictReader((result.outdir / "sensitivity.csv").open()))
+    assert [r["rank"] for r in rows] == [str(i) for i in range(1, len(rows) + 1)]
 
 
 def test_write_beside_never_fails_the_run(tmp_path, caplog):

@@ -308,3 +308,44 @@ def test_int4_with_larger_blocks_is_a_smaller_candidate():
     # With --block-size 128 already, the variant would be no smaller: not offered.
     measure(module, units, CANDIDATES, meter, PassContext(), block_size=128)
     assert all("int4-b128" not in u.candidates for u in units)
+
+
+def test_bf16_and_fp16_weights_are_half_size_candidates():
+    module = Module.from_proto(_mlp())
+    units = weight_units(module)
+    ctx = PassContext()
+    lowered, sizes = lower(module.to_proto(), units, {"mm0": "bf16", "mm1": "fp16-weights"}, ctx)
+    assert sizes["mm0"] == 2 * units[0].elements and sizes["mm1"] == 2 * units[1].elements
+    assert sizes["mm2"] == units[2].fp32_bytes
+    proto = lowered.to_proto()
+    stored = {t.name: t.data_type for t in proto.graph.initializer}
+    assert stored["w0"] == TensorProto.BFLOAT16
+    assert stored["w1_fp16"] == TensorProto.FLOAT16 and stored["w2"] == TensorProto.FLOAT
+    cast = next(n for n in proto.graph.node if n.output[0] == "w1")  # compute stays float32
+    assert cast.op_type == "Cast" and cast.input[0] == "w1_fp16"
+    meter = ErrorMeter(module.to_proto(), _feeds(2))
+    measure(module, units, ("fp32", "fp16", "bf16", "fp16-weights"), meter, ctx)
+    for unit in units:
+        half = {p: unit.candidates[p] for p in ("fp16", "bf16", "fp16-weights")}
+        assert {c.bytes for c in half.values()} == {2 * unit.elements}
+        # bf16 keeps 8 significant bits: more error than fp16 storage, which rounds weights only
+        assert 0 < half["fp16-weights"].rel_l2 < half["bf16"].rel_l2 < 0.05
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16-weights"])
+def test_mixed_assigns_and_reports_bf16_and_fp16_weights(precision):
+    module = Module.from_proto(_mlp())
+    result = mixed_precision(
+        module,
+        CalibrationData.from_feeds(_feeds(2)),
+        Budget(),
+        PassContext(),
+        precisions=("fp32", precision),
+        size_budget="0.5",
+    )
+    assert result.to_dict()["counts"] == {precision: 4}
+    assert result.total_bytes == result.to_dict()["fp32_bytes"] // 2
+    (bound,) = result.passes
+    assert bound.name == "convert-float16"
+    assert bound.tolerance == (1e-1 if precision == "bf16" else 1e-2)
+    assert 0 < result.rel_l2 < 0.05

@@ -61,6 +61,8 @@ def test_declares_a_lossy_precision_pass():
         "samples": 16,
         "headroom": 16.0,
         "calibrated_unblock": False,
+        "dtype": "float16",
+        "weights_only": False,
     }
     assert {"Exp", "Pow", "ReduceSum", "GlobalAveragePool", "Range"} <= set(DEFAULT_BLOCK_OPS)
     assert "Softmax" not in DEFAULT_BLOCK_OPS and "LayerNormalization" not in DEFAULT_BLOCK_OPS

@@ -91,3 +91,35 @@ def test_property(model):
     assert [o.name for o in rewritten.graph.output] == [o.name for o in model.graph.output]
     if result.changed:
         assert "MatMulInteger" in op_types(rewritten.graph)
+
+
+def _saturating_matmul(k: int = 256, n: int = 32) -> onnx.ModelProto:
+    """MatMul whose int8 products saturate int16 pair sums: x near its maximum, |w| near 1."""
+    w = np.where(np.random.default_rng(3).random((k, n)) < 0.5, 1.0, 0.9).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "saturating",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, n])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_weights_fit_int16_pair_sums_unless_told_otherwise(reduce_range):
+    model = _saturating_matmul()
+    rewritten, _ = apply_pass(QuantizeDynamic(reduce_range=reduce_range), model)
+    weights = [
+        onnx.numpy_helper.to_array(t)
+        for t in rewritten.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and t.dims
+    ]
+    peak = max(int(np.abs(w).max()) for w in weights)
+    # 255 * 64 * 2 = 32640 fits int16 (onnxruntime's vpmaddubsw path); 255 * 127 * 2 does not
+    assert (peak <= 64) if reduce_range else (peak == 127)
+    if reduce_range:  # exact kernels on every x86 CPU: the result stays close to float
+        x = np.random.default_rng(4).uniform(0.9, 1.0, (4, 256)).astype(np.float32)
+        ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        got = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, ref, rtol=2e-2)

@@ -951,7 +951,9 @@ def test_gptq_model_checks_runs_and_its_weights_lie_on_the_block_grid(bits, symm
             weight, 0, 32, grid, symmetric=symmetric, hessian=hessian[reader.name]
         )
         np.testing.assert_array_equal(q, expected[0].astype(np.int32))
-        np.testing.assert_array_equal(inits[dq.input[1]], expected[1])
+        # the pass's Hessian comes from onnxruntime's activations, the test's from numpy: the
+        # two GEMMs may round differently (AVX2 vs AVX-512), moving a scale by an ulp
+        np.testing.assert_allclose(inits[dq.input[1]], expected[1], rtol=1e-6, atol=0)
     reference = numerics.run_model(rewritten, feed(7))["y"]
     ort_opts = QuantizeWeights(bits=bits, symmetric=symmetric, method="gptq", format="ort")
     nbits, _ = assert_contract(ort_opts, model, ctx)

@@ -123,7 +123,8 @@ def test_static_quantization_gains_too():
     reference = _run(model, test)
 
     def error(base: onnx.ModelProto) -> float:
-        static = QuantizeStatic(keep_first=False, keep_last=False)
+        # 8-bit weights, as measured above (7-bit ones leave smoothing less to gain: 1.3x)
+        static = QuantizeStatic(keep_first=False, keep_last=False, reduce_range=False)
         quantized, _ = apply_pass(static, base, PassContext(calibration=calib))
         got = _run(quantized, test)
         return float(np.linalg.norm(got - reference) / np.linalg.norm(reference))

@@ -22,6 +22,7 @@ import pytest
 
 from dsopt import numerics
 from dsopt.cli import main
+from dsopt.driver import optimize
 from tests.targets.test_x86 import conv_net, transformer_block
 
 pytest.importorskip("tvm")
@@ -34,7 +35,20 @@ OBJDUMP = "aarch64-linux-gnu-objdump"
 QEMU = "qemu-aarch64"
 RUNTIME = ROOT / ".cache" / "aarch64"
 ARM_TARGETS = ("arm-neon", "rpi4")
-MODELS = {"conv": (conv_net, [1, 3, 16, 16]), "transformer": (transformer_block, [1, 8, 16])}
+
+
+def int4_mlp() -> onnx.ModelProto:
+    """A 4-bit weight-only MLP (blocked DequantizeLinear): the library reads 1-byte weights."""
+    from tests.targets.test_quantized_tvm import _batched_mlp
+
+    return optimize(_batched_mlp(64, 96, 32), passes="quantize-weights{bits=4}").module.to_proto()
+
+
+MODELS = {
+    "conv": (conv_net, [1, 3, 16, 16]),
+    "transformer": (transformer_block, [1, 8, 16]),
+    "int4": (int4_mlp, [2, 3, 64]),
+}
 BUILDS = [(t, m) for t in ARM_TARGETS for m in MODELS]
 #: A NEON float vector op on four lanes, e.g. `fmla v21.4s, v23.4s, v17.4s`.
 NEON_FLOAT = re.compile(r"\b(fmla|fmul|fadd|fmax|fmaxnm)\s+v\d+\.4s")
@@ -140,7 +154,7 @@ def test_aarch64_libraries_run_under_qemu_and_match_onnxruntime(arm_builds, aarc
     for (target, model), (outdir, _, _, inputs) in arm_builds.items():
         argv += [str(outdir), str(inputs), str(outdir.parent / f"{model}_{target}_out.npz")]
     env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "PYTHONPATH": str(RUNTIME / "site")}
-    # One process runs all four libraries: Python + TVM start in ~10 s under qemu.
+    # One process runs every library: Python + TVM start in ~10 s under qemu.
     run = subprocess.run(
         [*aarch64_python, str(ROOT / "scripts" / "aarch64_run.py"), *argv],
         capture_output=True,
