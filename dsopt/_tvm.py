@@ -834,20 +834,66 @@ class _IntegerWeight:
 
 
 def _weight_stage(
-    q: Any, zero: Any, scale: Any, *, factors: Sequence[int], shape: Sequence[int]
+    q: Any,
+    zero: Any,
+    scale: Any,
+    *,
+    factors: Sequence[int],
+    shape: Sequence[int],
+    nibbles: str = "",
 ) -> Any:
-    """The TE stage computing the float weight of `shape` from an `_IntegerWeight`'s tensors."""
+    """The TE stage computing the float weight of `shape` from an `_IntegerWeight`'s tensors.
+
+    `nibbles` ("int4" or "uint4"): `q` holds two 4-bit values per byte along its first axis
+    (`_pack_nibbles`), the even index in the low nibble. The first axis, so that a vector
+    along the last one reads contiguous bytes with one shift for all lanes.
+    """
     from tvm import te
 
+    def integer(i: Sequence[Any]) -> Any:
+        if not nibbles:
+            return q[tuple(i)].astype("int32")
+        byte = q[(i[0] // 2, *i[1:])].astype("int32")
+        nibble = (byte >> ((i[0] % 2) * 4)) & 15
+        return nibble - 16 * (nibble >= 8).astype("int32") if nibbles == "int4" else nibble
+
+    def index(table: Any, i: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(0 if int(table.shape[d]) == 1 else i[d] // f for d, f in enumerate(factors))
+
     def value(*i: Any) -> Any:
-        j = tuple(0 if int(scale.shape[d]) == 1 else i[d] // f for d, f in enumerate(factors))
-        return (q[i].astype("float32") - zero[j]) * scale[j]
+        return (integer(i).astype("float32") - zero[index(zero, i)]) * scale[index(scale, i)]
 
     return te.compute(tuple(shape), value, name=_WEIGHT_DEQUANTIZE)
 
 
+def _nibble_kind(q: np.ndarray) -> str:
+    """`int4`/`uint4` when every value of the integer weight fits 4 bits, else empty."""
+    if q.size == 0:
+        return ""
+    low, high = int(q.min()), int(q.max())
+    if q.dtype == np.int8 and -8 <= low and high <= 7:
+        return "int4"
+    return "uint4" if q.dtype == np.uint8 and high <= 15 else ""
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per uint8 along the first axis (zero padded), the even one low."""
+    flat = (q.astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.shape[0] % 2:
+        flat = np.concatenate([flat, np.zeros((1, *flat.shape[1:]), np.uint8)], axis=0)
+    return np.ascontiguousarray(flat[0::2] | (flat[1::2] << 4))
+
+
 def _dequantize_matmul_te(
-    x: Any, q: Any, zero: Any, scale: Any, *, factors: Sequence[int], rows: int
+    x: Any,
+    q: Any,
+    zero: Any,
+    scale: Any,
+    *,
+    factors: Sequence[int],
+    rows: int,
+    columns: int,
+    nibbles: str = "",
 ) -> Any:
     """`x @ W` with W [rows, N] computed from the integer weight in the same function.
 
@@ -858,9 +904,9 @@ def _dequantize_matmul_te(
     from tvm import te
 
     *batch, k = (int(d) for d in x.shape)
-    n = int(q.shape[1])
+    n = columns
     assert k == rows
-    weight = _weight_stage(q, zero, scale, factors=factors, shape=(k, n))
+    weight = _weight_stage(q, zero, scale, factors=factors, shape=(k, n), nibbles=nibbles)
     r = te.reduce_axis((0, k), "k")
     return te.compute(
         (*batch, n),
@@ -877,6 +923,7 @@ def _dequantize_conv2d_te(
     *,
     factors: Sequence[int],
     shape: Sequence[int],
+    nibbles: str = "",
     **conv: Any,
 ) -> Any:
     """TOPI's conv2d (as Relax legalizes it) of the weight computed from the integer weight.
@@ -886,7 +933,7 @@ def _dequantize_conv2d_te(
     """
     from tvm import topi
 
-    weight = _weight_stage(q, zero, scale, factors=factors, shape=shape)
+    weight = _weight_stage(q, zero, scale, factors=factors, shape=shape, nibbles=nibbles)
     return topi.nn.conv(x, weight, **conv)
 
 
@@ -1054,7 +1101,18 @@ def _weight_rewriter(mod: Any, stats: dict[str, int]) -> Any:
             return call if new is None else new
 
         def tensors(self, weight: _IntegerWeight) -> tuple[Any, Any, Any]:
-            return relax.const(weight.q), relax.const(weight.zero), relax.const(weight.scale)
+            """The weight's constants; 4-bit values two per byte (`nibbles` says so)."""
+            q = _pack_nibbles(weight.q) if _nibble_kind(weight.q) else weight.q
+            zero = weight.zero
+            if not zero.any():  # symmetric: one zero, not one per block
+                zero = np.zeros([1] * zero.ndim, np.float32)
+            return relax.const(q), relax.const(zero), relax.const(weight.scale)
+
+        def nibbles(self, weight: _IntegerWeight) -> str:
+            kind = _nibble_kind(weight.q)
+            if kind:
+                stats["int4_weights"] = stats.get("int4_weights", 0) + 1
+            return kind
 
         def matmul(self, x: Any, call: Any, weight: _IntegerWeight) -> Any:
             shape = [int(d) for d in call.args[1].ty.shape]
@@ -1067,6 +1125,8 @@ def _weight_rewriter(mod: Any, stats: dict[str, int]) -> Any:
                 *self.tensors(weight),
                 factors=weight.factors,
                 rows=shape[0],
+                columns=shape[1],
+                nibbles=self.nibbles(weight),
                 primfunc_name_hint=_WEIGHT_MATMUL,
             )
 
@@ -1085,6 +1145,7 @@ def _weight_rewriter(mod: Any, stats: dict[str, int]) -> Any:
                 *self.tensors(weight),
                 factors=weight.factors,
                 shape=[int(d) for d in call.args[1].ty.shape],
+                nibbles=self.nibbles(weight),
                 stride=attrs.strides,
                 padding=attrs.padding,
                 dilation=attrs.dilation,

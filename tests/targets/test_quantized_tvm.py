@@ -114,8 +114,13 @@ def test_weight_only_matmuls_keep_one_byte_weights_in_the_library(tmp_path, prec
         for name, r in libraries.items()
     }
     fp32_weights = 4 * (k * hidden + hidden * n)
-    # the float library holds 4-byte weights, the quantized one 1 byte (plus scales)
-    assert sizes["f"] - sizes["q"] > 0.6 * fp32_weights
+    # the float library holds 4-byte weights, the quantized one 1 byte, or two 4-bit values
+    # per byte (plus scales)
+    saved = 7 / 8 if precision == "int4" else 3 / 4
+    assert sizes["f"] - sizes["q"] > (saved - 0.1) * fp32_weights
+    assert q.manifest["tvm"]["schedules"].get("int4_weights", 0) == (
+        2 if precision == "int4" else 0
+    )
     rng = np.random.default_rng(1)
     for _ in range(3):
         x = rng.standard_normal((2, 3, k)).astype(np.float32)
